@@ -1,0 +1,187 @@
+"""Layers shared by the packed models: varlen self-attention, MLPs, RMSNorm, attention pooling.
+
+Every layer works on packed tokens ``[total_tokens, hidden]`` and takes a ``VarlenContext``, the
+per-forward attention metadata built once on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+from .packing import SegmentLayout
+
+__all__ = [
+    "VarlenContext",
+    "FusedQKVSelfAttention",
+    "Mlp",
+    "GatedMlp",
+    "RMSNorm",
+    "AttentionPoolingHead",
+    "ACTIVATIONS",
+    "fuse_linear",
+]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; packvit knows {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@dataclass
+class VarlenContext:
+    """Attention metadata of one forward: segments (host), their device offsets, the backend.
+
+    ``cu_seqlens`` is int32 on the model's device, ``max_seqlen`` a Python int; ``pool_cu_seqlens``
+    is ``[0, 1, ..., num_segments]``, the query offsets of a one-query-per-segment pooling head.
+    """
+
+    segments: SegmentLayout
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    pool_cu_seqlens: torch.Tensor
+    backend: str | None = None
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], device: torch.device, backend: str | None = None) -> "VarlenContext":
+        segments = SegmentLayout.from_lengths(lengths)
+        pool = SegmentLayout.one_per_item(segments.num_segments)
+        return cls(segments, segments.cu_seqlens(device), segments.max_seqlen, pool.cu_seqlens(device), backend)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Self-attention within segments: ``[S, H, hd]`` each → ``[S, H, hd]``."""
+        return varlen_attention(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                scale=scale, backend=self.backend)
+
+    def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """One query per segment: ``query [N, H, hd]``, ``k, v [S, H, hd]`` → ``[N, H, hd]``."""
+        return varlen_attention(query, k, v, self.pool_cu_seqlens, self.cu_seqlens, 1, self.max_seqlen,
+                                scale=scale, backend=self.backend)
+
+
+class FusedQKVSelfAttention(nn.Module):
+    """Multi-head self-attention with one ``qkv`` projection (rows q, k, v) and an output ``proj``.
+
+    ``rope(q, k)``, if given, rotates queries and keys ``[S, H, hd]`` after projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, context: VarlenContext, rope=None) -> torch.Tensor:
+        total = x.shape[0]
+        # [S, D] → [S, 3, H, hd] → three [S, H, hd]
+        q, k, v = self.qkv(x).view(total, 3, self.num_heads, self.head_dim).unbind(1)
+        if rope is not None:
+            q, k = rope(q, k)
+        out = context.attend(q, k, v)
+        return self.proj(out.reshape(total, -1))
+
+
+class Mlp(nn.Module):
+    """``fc2(act(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMlp(nn.Module):
+    """SwiGLU ``down(act(gate(x)) * up(x))`` with gate and up fused in one ``gate_up`` projection."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.act = activation(act)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / rms(x))`` computed in float32 and cast back before the weight (as in HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class AttentionPoolingHead(nn.Module):
+    """Multihead attention pooling (MAP): a learned probe attends over each segment.
+
+    ``pooled = y + mlp(norm(y))`` with ``y = out_proj(attention(W_q probe, W_k x, W_v x))`` per
+    segment, one varlen call for all segments. Parameter names follow ``nn.MultiheadAttention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, act: str, norm: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.attention = nn.Module()
+        self.attention.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.attention.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.attention.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.attention.in_proj_weight)
+        self.norm = norm
+        self.mlp = Mlp(dim, mlp_hidden, act)
+
+    def forward(self, x: torch.Tensor, context: VarlenContext) -> torch.Tensor:
+        """``x [S, D]`` → ``[num_segments, D]``."""
+        num_segments, dim = context.segments.num_segments, x.shape[-1]
+        w_q, w_kv = self.attention.in_proj_weight.split([dim, 2 * dim])
+        b_q, b_kv = self.attention.in_proj_bias.split([dim, 2 * dim])
+        query = F.linear(self.probe.reshape(1, dim), w_q, b_q)
+        query = query.expand(num_segments, dim).reshape(num_segments, self.num_heads, self.head_dim)
+        # [S, D] → [S, 2, H, hd] → k, v [S, H, hd]
+        k, v = F.linear(x, w_kv, b_kv).view(x.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
+        pooled = self.attention.out_proj(context.pool(query.contiguous(), k, v).reshape(num_segments, dim))
+        return pooled + self.mlp(self.norm(pooled))
+
+
+def fuse_linear(state: dict[str, torch.Tensor], target: str, sources: Sequence[str], with_bias: bool) -> None:
+    """Replaces ``{source}.weight``/``.bias`` entries by one ``{target}`` with rows stacked in order.
+
+    A source with no bias contributes zeros (exact), so a fused projection can carry q and v
+    biases with none for k. Edits ``state`` in place.
+    """
+    weights = [state.pop(f"{source}.weight") for source in sources]
+    state[f"{target}.weight"] = torch.cat(weights, dim=0)
+    biases = [state.pop(f"{source}.bias", None) for source in sources]
+    if with_bias:
+        state[f"{target}.bias"] = torch.cat(
+            [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
+        )
+    elif any(b is not None for b in biases):
+        raise ValueError(f"checkpoint has biases for {sources} but the model was configured without")

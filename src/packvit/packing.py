@@ -1,0 +1,285 @@
+"""The packed batch: patches of many items in one tensor, and its host-side metadata.
+
+A packed batch is ``patches [total_patches, patch_dim]`` plus ``grid_thw [num_items, 3]``, the
+(t, h, w) patch grid of each item. Item ``i`` owns ``t_i * h_i * w_i`` consecutive rows, in
+(t, row, column) order. Everything the encoder needs to know about the batch's shape is computed
+here, once, on the host, from ``grid_thw``: no device tensor is ever read back.
+
+Patch layouts: ``"ppc"`` flattens a patch as (row-in-patch, column-in-patch, channel), the layout
+of SigLIP2's processor and of ``convert_to_patches``; ``"cpp"`` flattens it as (channel, row,
+column), the layout of a Conv2d weight and of the OneVision packing format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "PATCH_LAYOUTS",
+    "PackedBatch",
+    "SegmentLayout",
+    "validate_grid_thw",
+    "validate_patches",
+    "item_token_counts",
+    "token_positions",
+    "split_items",
+    "prefix_token_index",
+    "patchify",
+    "patchify_images",
+    "unpatchify",
+]
+
+PATCH_LAYOUTS = ("ppc", "cpp")
+
+
+def validate_grid_thw(grid_thw) -> torch.Tensor:
+    """Checks a grid and returns it as a host int64 tensor ``[num_items, 3]``.
+
+    Raises ``ValueError`` for a grid that is not 2-D with 3 columns, is empty, holds non-integer
+    values, or holds entries that are not positive.
+    """
+    if not isinstance(grid_thw, torch.Tensor):
+        grid_thw = torch.as_tensor(grid_thw)
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(
+            f"grid_thw must have shape [num_items, 3] (t, h, w in patches per item), got "
+            f"{tuple(grid_thw.shape)}; for single images use rows of (1, h, w)."
+        )
+    if grid_thw.shape[0] == 0:
+        raise ValueError("grid_thw is empty: a packed batch needs at least one item.")
+    if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
+        if grid_thw.dtype == torch.bool or not torch.equal(grid_thw, grid_thw.round()):
+            raise ValueError(
+                f"grid_thw must hold whole patch counts, got dtype {grid_thw.dtype} with "
+                f"non-integer values; pass an integer tensor such as torch.tensor(..., dtype=torch.long)."
+            )
+    grid_thw = grid_thw.detach().to(device="cpu", dtype=torch.int64)
+    if (grid_thw <= 0).any():
+        bad = grid_thw[(grid_thw <= 0).any(dim=1)][0].tolist()
+        raise ValueError(
+            f"grid_thw entries must be positive, got the row {bad}; every item needs at least "
+            f"one frame and one row and column of patches."
+        )
+    return grid_thw
+
+
+def item_token_counts(grid_thw: torch.Tensor) -> list[int]:
+    """Number of patches of each item, ``t * h * w``, as Python ints."""
+    return grid_thw.prod(dim=1).tolist()
+
+
+def validate_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch_dim: int | None = None) -> None:
+    """Checks that ``patches [total_patches, patch_dim]`` matches a validated ``grid_thw``."""
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 2:
+        shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
+        raise ValueError(
+            f"patches must be a 2-D tensor [total_patches, patch_dim], got {shape}; use "
+            f"packvit.patchify to turn images into packed patches."
+        )
+    expected_rows = int(grid_thw.prod(dim=1).sum())
+    if patches.shape[0] != expected_rows:
+        raise ValueError(
+            f"patches has {patches.shape[0]} rows but grid_thw describes {expected_rows} "
+            f"(the sum of t*h*w over its {grid_thw.shape[0]} items); pass the grid that produced "
+            f"these patches."
+        )
+    if patch_dim is not None and patches.shape[1] != patch_dim:
+        raise ValueError(
+            f"patches have patch_dim {patches.shape[1]} but the model expects {patch_dim} "
+            f"(channels * patch_size * patch_size); patchify with the model's patch size."
+        )
+
+
+@dataclass
+class SegmentLayout:
+    """Attention segments of a packed sequence, known on the host.
+
+    ``lengths`` are the segment lengths; ``cu_seqlens`` is ``[0, cumsum(lengths)]`` as an int32
+    host tensor, and ``max_seqlen`` a Python int, so a kernel call never reads the device.
+    """
+
+    lengths: tuple[int, ...]
+    cu_seqlens_host: torch.Tensor
+    max_seqlen: int
+    total: int
+    _device_copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int]) -> "SegmentLayout":
+        lengths = tuple(int(n) for n in lengths)
+        if not lengths or min(lengths) <= 0:
+            raise ValueError(f"segment lengths must be positive and non-empty, got {lengths[:8]}")
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+        return cls(lengths, cu, max(lengths), int(cu[-1]))
+
+    @classmethod
+    def one_per_item(cls, num_items: int) -> "SegmentLayout":
+        """One token per item: the query layout of an attention-pooling head."""
+        return cls.from_lengths([1] * num_items)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.lengths)
+
+    def cu_seqlens(self, device: torch.device | str) -> torch.Tensor:
+        """``cu_seqlens`` on ``device``: one non-blocking copy, cached per device."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.cu_seqlens_host
+        key = str(device)
+        if key not in self._device_copies:
+            source = self.cu_seqlens_host.pin_memory() if torch.cuda.is_available() else self.cu_seqlens_host
+            self._device_copies[key] = source.to(device, non_blocking=True)
+        return self._device_copies[key]
+
+
+def token_positions(grid_thw: torch.Tensor) -> torch.Tensor:
+    """Integer (t, row, column) of every patch token, ``[total_patches, 3]`` int64 on the host."""
+    pieces = []
+    for t, h, w in grid_thw.tolist():
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        pieces.append(torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3))
+    return torch.cat(pieces)
+
+
+def split_items(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Splits a packed ``[total, ...]`` tensor back into one tensor per item."""
+    lengths = [int(n) for n in lengths]
+    if x.shape[0] != sum(lengths):
+        raise ValueError(f"cannot split {x.shape[0]} rows into items of {sum(lengths)} rows in total")
+    return list(torch.split(x, lengths, dim=0))
+
+
+def prefix_token_index(patch_counts: Sequence[int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where prefix and patch tokens go when every segment is ``[prefix tokens, patches]``.
+
+    Returns host int64 tensors ``prefix_rows [num_items, num_prefix_tokens]`` and
+    ``patch_rows [total_patches]``: row indices into the sequence of
+    ``total_patches + num_items * num_prefix_tokens`` tokens.
+    """
+    counts = torch.tensor([int(n) for n in patch_counts], dtype=torch.int64)
+    segment_starts = torch.zeros_like(counts)
+    segment_starts[1:] = (counts + num_prefix_tokens).cumsum(0)[:-1]
+    prefix_rows = segment_starts[:, None] + torch.arange(num_prefix_tokens)
+    offsets_within_item = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    patch_rows = torch.repeat_interleave(segment_starts + num_prefix_tokens, counts) + offsets_within_item
+    return prefix_rows, patch_rows
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in PATCH_LAYOUTS:
+        raise ValueError(f"patch layout must be one of {PATCH_LAYOUTS}, got {layout!r}")
+
+
+def _patchify_frames(frames: torch.Tensor, patch_size: int, layout: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``frames [T, C, H, W]`` → ``([T*h*w, C*p*p], (T, h, w))``; H and W must divide by p."""
+    t, c, height, width = frames.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the patch size {patch_size}; resize "
+            f"or crop it first (packvit.preprocess does this for each model)."
+        )
+    h, w = height // patch_size, width // patch_size
+    x = frames.reshape(t, c, h, patch_size, w, patch_size)
+    # [T, C, h, p, w, p] → [T, h, w, p, p, C] or [T, h, w, C, p, p]
+    x = x.permute(0, 2, 4, 3, 5, 1) if layout == "ppc" else x.permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(t * h * w, c * patch_size * patch_size), (t, h, w)
+
+
+def patchify(pixels, patch_size: int, layout: str = "ppc") -> tuple[torch.Tensor, torch.Tensor]:
+    """Packs images or videos into ``(patches [total_patches, C*p*p], grid_thw [num_items, 3])``.
+
+    ``pixels`` is a batch ``[B, C, H, W]`` (B images), a video ``[T, C, H, W]`` passed inside a
+    list, or a list mixing images ``[C, H, W]`` and videos ``[T, C, H, W]`` of any sizes that are
+    multiples of ``patch_size``.
+    """
+    _check_layout(layout)
+    if isinstance(pixels, torch.Tensor):
+        if pixels.dim() != 4:
+            raise ValueError(
+                f"a tensor passed to patchify must be a batch [B, C, H, W], got {tuple(pixels.shape)}; "
+                f"pass a single image as [1, C, H, W] and a video as a list holding [T, C, H, W]."
+            )
+        items = [pixels[i : i + 1] for i in range(pixels.shape[0])]
+    else:
+        items = []
+        for item in pixels:
+            if item.dim() == 3:
+                items.append(item.unsqueeze(0))
+            elif item.dim() == 4:
+                items.append(item)
+            else:
+                raise ValueError(f"each item must be [C, H, W] or [T, C, H, W], got {tuple(item.shape)}")
+    if not items:
+        raise ValueError("patchify needs at least one image")
+    patches, grids = zip(*(_patchify_frames(item, patch_size, layout) for item in items))
+    return torch.cat(patches), torch.tensor(grids, dtype=torch.int64)
+
+
+def patchify_images(images: Sequence[torch.Tensor], patch_size: int, layout: str = "ppc") -> tuple[torch.Tensor, torch.Tensor]:
+    """``patchify`` for a list of differently sized images ``[C, H, W]`` (or videos)."""
+    return patchify(list(images), patch_size, layout)
+
+
+def unpatchify(
+    patches: torch.Tensor, grid_thw, patch_size: int, layout: str = "ppc", num_channels: int = 3
+) -> list[torch.Tensor]:
+    """Inverse of ``patchify``: one ``[T, C, H, W]`` tensor per item."""
+    _check_layout(layout)
+    grid_thw = validate_grid_thw(grid_thw)
+    validate_patches(patches, grid_thw, num_channels * patch_size * patch_size)
+    items = []
+    for item_patches, (t, h, w) in zip(split_items(patches, item_token_counts(grid_thw)), grid_thw.tolist()):
+        if layout == "ppc":
+            # [t*h*w, p*p*C] → [t, h, w, p, p, C] → [t, C, h, p, w, p]
+            x = item_patches.reshape(t, h, w, patch_size, patch_size, num_channels).permute(0, 5, 1, 3, 2, 4)
+        else:
+            # [t*h*w, C*p*p] → [t, h, w, C, p, p] → [t, C, h, p, w, p]
+            x = item_patches.reshape(t, h, w, num_channels, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+        items.append(x.reshape(t, num_channels, h * patch_size, w * patch_size))
+    return items
+
+
+@dataclass
+class PackedBatch:
+    """Patches of many items in one tensor, with the grid that describes them.
+
+    ``patches [total_patches, patch_dim]`` and ``grid_thw [num_items, 3]`` (host int64). Extra
+    keys a model accepts (``patch_positions`` for OneVision) travel in ``extras``.
+    """
+
+    patches: torch.Tensor
+    grid_thw: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.grid_thw = validate_grid_thw(self.grid_thw)
+        validate_patches(self.patches, self.grid_thw)
+
+    @property
+    def num_items(self) -> int:
+        return self.grid_thw.shape[0]
+
+    @property
+    def token_counts(self) -> list[int]:
+        return item_token_counts(self.grid_thw)
+
+    def to(self, device=None, dtype=None) -> "PackedBatch":
+        patches = self.patches.to(device=device, dtype=dtype, non_blocking=True)
+        return PackedBatch(patches, self.grid_thw, dict(self.extras))
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Splits a model output ``[total_patches, ...]`` into one tensor per item."""
+        return split_items(x, self.token_counts)
+
+    @classmethod
+    def concat(cls, batches: Sequence["PackedBatch"]) -> "PackedBatch":
+        """Joins packed batches into one, item order kept."""
+        extras = {}
+        for key in batches[0].extras:
+            extras[key] = torch.cat([b.extras[key] for b in batches])
+        return cls(torch.cat([b.patches for b in batches]), torch.cat([b.grid_thw for b in batches]), extras)
