@@ -122,6 +122,8 @@ class PackedVisionModel(nn.Module):
             directory = resolve_checkpoint(ckpt)
             config = self.config_from_dict(read_config_dict(directory))
         self.config = config
+        #: attention backend name for every varlen call of this model (None: automatic)
+        self.attention_backend: str | None = None
         state = None if directory is None else self.map_checkpoint(read_state_dict(directory))
         if state is None:
             self.build(config)

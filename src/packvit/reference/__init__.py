@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from ..packing import patchify
+
 __all__ = ["ItemOutput", "FamilyAdapter", "FAMILIES", "get_adapter"]
 
 FAMILIES = ("siglip2", "dinov3", "aimv2", "llava_vit")
@@ -41,10 +43,20 @@ class FamilyAdapter:
     sizes: tuple[str, ...] = ("tiny", "full")
     #: (h, w) grids of the same-size align scenario when no --image_size is given
     default_grids: tuple[tuple[int, int], ...] = ((16, 16),)
+    #: how the packed model flattens a patch: "ppc" (p, p, C) or "cpp" (C, p, p)
+    patch_layout: str = "ppc"
 
     def write_random_checkpoint(self, directory: Path, size: str = "tiny", seed: int = 0) -> Path:
         """Saves a reference model with random weights (``save_pretrained``) and returns its directory."""
         raise NotImplementedError
+
+    def cached_random_checkpoint(self, root: Path, size: str = "tiny", seed: int = 0) -> Path:
+        """``write_random_checkpoint`` into ``root/<family>-<size>-<seed>``, reused when already there."""
+        directory = Path(root) / f"{self.name}-{size}-{seed}"
+        if not (directory / "config.json").is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            return self.write_random_checkpoint(directory, size=size, seed=seed)
+        return directory
 
     def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
         raise NotImplementedError
@@ -67,6 +79,10 @@ class FamilyAdapter:
             shape = (3, h * patch_size, w * patch_size) if len(grid) == 2 else (t, 3, h * patch_size, w * patch_size)
             items.append(torch.randn(shape, generator=generator))
         return items
+
+    def pack(self, items: Sequence[torch.Tensor], patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items → ``(patches [total, C*p*p]`` on the items' device, ``grid_thw [N, 3]`` on the host)."""
+        return patchify(list(items), patch_size, self.patch_layout)
 
     def extra_scenarios(self, patch_size: int, generator: torch.Generator) -> list[tuple[str, list[torch.Tensor]]]:
         """Family-specific align scenarios (videos, mixed image+video packs), as (name, items)."""

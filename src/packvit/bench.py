@@ -1,0 +1,315 @@
+"""``packvit bench``: speed and memory of the packed models against their references.
+
+Implements ``BENCHMARKS.md``: the workloads ``uniform``, ``mixed``, ``mixed-4k`` and ``video``
+(OneVision only), generated from ``numpy.random.default_rng(0)`` with random-normal pixels; the
+baseline is the reference used the best way its API allows, in bf16 with SDPA; packvit runs the
+same items packed into batches of at most ``--token_budget`` tokens, in workload order. Reported:
+items/s and tokens/s (median of ``--repeats`` timed passes after a warm-up), speed-up, MFU against
+the bf16 GEMM rate measured in the same run, and peak memory for one baseline batch of 32 items
+against the same items packed. Writes ``bench.json``, ``bench.md`` and ``bench.png``.
+
+Full-size models need a GPU; ``--smoke`` runs tiny models on few items anywhere (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .layers import FusedQKVSelfAttention, GatedMlp, Mlp
+from .reference import FAMILIES, FamilyAdapter, get_adapter
+
+__all__ = ["WORKLOADS", "workload_grids", "forward_flops", "BenchResult", "add_arguments", "run"]
+
+WORKLOADS = ("uniform", "mixed", "mixed-4k", "video")
+UNIFORM_GRIDS = {"siglip2": (16, 16), "dinov3": (14, 14), "aimv2": (16, 16), "llava_vit": (32, 32)}
+BENCH_SIZES = {"siglip2": "so400m", "dinov3": "ViT-L", "aimv2": "large native", "llava_vit": "large"}
+
+
+def _naflex_grid(aspect: float, cap: int) -> tuple[int, int]:
+    """The largest (h, w) with h*w <= cap at aspect ratio w/h (the NaFlex rule)."""
+    scale = math.sqrt(cap / aspect)
+    while True:
+        h, w = max(1, int(scale)), max(1, int(scale * aspect))
+        if h * w <= cap:
+            return h, w
+        scale *= 0.999
+
+
+def workload_grids(workload: str, family: str, num_items: int | None = None) -> list[tuple[int, int, int]]:
+    """The (t, h, w) grids of a workload, from ``numpy.random.default_rng(0)``."""
+    rng = np.random.default_rng(0)
+    if workload == "uniform":
+        h, w = UNIFORM_GRIDS[family]
+        return [(1, h, w)] * (num_items or 512)
+    if workload in ("mixed", "mixed-4k"):
+        count = num_items or (512 if workload == "mixed" else 256)
+        low, high = (64, 1024) if workload == "mixed" else (256, 4096)
+        aspects = np.exp(rng.uniform(math.log(1 / 3), math.log(3), count))
+        caps = np.exp(rng.uniform(math.log(low), math.log(high), count)).astype(int)
+        return [(1, *_naflex_grid(float(a), int(c))) for a, c in zip(aspects, caps)]
+    if workload == "video":
+        return [(16, 16, 16)] * (num_items or 64)
+    raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+
+
+def _model_shape(model: torch.nn.Module) -> dict:
+    """Hidden size, MLP width, depth and MLP kind, read off the shared layers a model is built from."""
+    attentions = [m for m in model.modules() if isinstance(m, FusedQKVSelfAttention)]
+    mlps = [m for m in model.modules() if isinstance(m, (Mlp, GatedMlp))]
+    gated = isinstance(mlps[0], GatedMlp)
+    return {
+        "hidden": attentions[0].qkv.in_features,
+        "mlp": mlps[0].down.in_features if gated else mlps[0].fc1.out_features,
+        "layers": len(attentions),
+        "gated": gated,
+    }
+
+
+def forward_flops(shape: dict, segment_lengths: list[int], patch_dim: int, num_patches: int) -> float:
+    """Model FLOPs of one forward, counted as BENCHMARKS.md defines them (head excluded)."""
+    d, f, layers = shape["hidden"], shape["mlp"], shape["layers"]
+    m = 3 if shape["gated"] else 2
+    tokens = sum(segment_lengths)
+    per_layer = 2 * (4 * d * d + m * d * f) * tokens + 4 * d * sum(n * n for n in segment_lengths)
+    return layers * per_layer + 2 * patch_dim * d * num_patches
+
+
+@dataclass
+class BenchResult:
+    model: str
+    workload: str
+    items: int
+    tokens: int
+    packvit_items_per_s: float
+    packvit_tokens_per_s: float
+    baseline_items_per_s: float
+    baseline_tokens_per_s: float
+    speedup: float
+    packvit_mfu: float
+    baseline_mfu: float
+    packvit_peak_mib: float
+    baseline_peak_mib: float
+    packvit_activation_peak_mib: float
+    baseline_activation_peak_mib: float
+    memory_items: int
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, repeats: int) -> float:
+    fn()  # warm-up: kernel selection, caches, allocator
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory(fn, device) -> tuple[float, float]:
+    """(peak allocated, peak above what was allocated before the call), in MiB; zeros on the CPU."""
+    if device.type != "cuda":
+        fn()
+        return 0.0, 0.0
+    _synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - before) / 2**20
+
+
+def measure_gemm_tflops(device, size: int = 8192, repeats: int = 10) -> float:
+    """bf16 ``size³`` matrix product rate on random data, in TFLOP/s (NaN on the CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    seconds = _median_seconds(lambda: torch.mm(a, b), device, repeats)
+    return 2 * size**3 / seconds / 1e12
+
+
+def _token_budget_chunks(items: list[torch.Tensor], token_counts: list[int], budget: int) -> list[list[torch.Tensor]]:
+    """Consecutive items grouped into packs of at most ``budget`` tokens (an oversized item alone)."""
+    chunks, current, used = [], [], 0
+    for item, count in zip(items, token_counts):
+        if current and used + count > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += count
+    return chunks + [current] if current else chunks
+
+
+def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, device, gemm_tflops) -> list[BenchResult]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reference = adapter.load_reference(ckpt, device, dtype)
+    packed = adapter.load_packed(ckpt, device, dtype)
+    packed.attention_backend = args.backend
+    patch_size = adapter.patch_size(packed)
+    shape = _model_shape(packed)
+    num_prefix = getattr(packed, "num_prefix_tokens", 0)
+    results = []
+    for workload in workloads:
+        grids = workload_grids(workload, family, args.items)
+        generator = torch.Generator().manual_seed(0)
+        items = [item.to(device=device, dtype=dtype) for item in adapter.random_items(grids, patch_size, generator)]
+        patch_counts = [t * h * w for t, h, w in grids]
+        segments = [n + num_prefix for n in patch_counts]
+        flops = forward_flops(shape, segments, 3 * patch_size * patch_size, sum(patch_counts))
+        chunks = _token_budget_chunks(items, segments, args.token_budget)
+
+        def run_packed():
+            for chunk in chunks:
+                adapter.run_packed(packed, chunk)
+
+        def run_baseline():
+            adapter.run_reference(reference, items, args.batch_size)
+
+        with torch.inference_mode():
+            packed_s = _median_seconds(run_packed, device, args.repeats)
+            baseline_s = _median_seconds(run_baseline, device, args.repeats)
+            memory_items = items[: args.batch_size]
+            packed_peak = _peak_memory(lambda: adapter.run_packed(packed, memory_items), device)
+            baseline_peak = _peak_memory(lambda: adapter.run_reference(reference, memory_items, args.batch_size), device)
+        tokens = sum(patch_counts)
+        result = BenchResult(
+            model=family, workload=workload, items=len(items), tokens=tokens,
+            packvit_items_per_s=len(items) / packed_s, packvit_tokens_per_s=tokens / packed_s,
+            baseline_items_per_s=len(items) / baseline_s, baseline_tokens_per_s=tokens / baseline_s,
+            speedup=baseline_s / packed_s,
+            packvit_mfu=flops / packed_s / (gemm_tflops * 1e12), baseline_mfu=flops / baseline_s / (gemm_tflops * 1e12),
+            packvit_peak_mib=packed_peak[0], baseline_peak_mib=baseline_peak[0],
+            packvit_activation_peak_mib=packed_peak[1], baseline_activation_peak_mib=baseline_peak[1],
+            memory_items=len(memory_items),
+        )
+        tqdm.write(
+            f"{family:9s} {workload:9s} packvit {result.packvit_items_per_s:9.1f} items/s  baseline "
+            f"{result.baseline_items_per_s:9.1f} items/s  speed-up {result.speedup:5.2f}x  MFU {result.packvit_mfu:6.1%}  "
+            f"peak {result.packvit_peak_mib:.0f}/{result.baseline_peak_mib:.0f} MiB"
+        )
+        results.append(result)
+    del reference, packed
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def markdown_table(results: list[BenchResult], environment: dict) -> str:
+    lines = [
+        f"GPU: {environment['gpu']}; torch {environment['torch']}; attention backend {environment['attention_backend']}; "
+        f"bf16 GEMM {environment['gemm_tflops']:.0f} TFLOP/s (measured in this run)",
+        "",
+        "| model | workload | items | tokens | packvit items/s | baseline items/s | speed-up | packvit MFU | baseline MFU | peak MiB packvit / baseline (32 items) | activation peak MiB packvit / baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} ({BENCH_SIZES.get(r.model, '')}) | {r.workload} | {r.items} | {r.tokens} | {r.packvit_items_per_s:.1f} | "
+            f"{r.baseline_items_per_s:.1f} | {r.speedup:.2f}x | {r.packvit_mfu:.1%} | {r.baseline_mfu:.1%} | "
+            f"{r.packvit_peak_mib:.0f} / {r.baseline_peak_mib:.0f} | {r.packvit_activation_peak_mib:.0f} / {r.baseline_activation_peak_mib:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(results: list[BenchResult], path: Path) -> bool:
+    """Items/s per workload, packvit beside the baseline, one panel per model. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(dict.fromkeys(r.model for r in results))
+    figure, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        rows = [r for r in results if r.model == model]
+        x = np.arange(len(rows))
+        axis.bar(x - 0.2, [r.baseline_items_per_s for r in rows], 0.4, label="reference")
+        axis.bar(x + 0.2, [r.packvit_items_per_s for r in rows], 0.4, label="packvit")
+        for xi, r in zip(x, rows):
+            axis.annotate(f"{r.speedup:.1f}x", (xi + 0.2, r.packvit_items_per_s), ha="center", va="bottom", fontsize=8)
+        axis.set_xticks(x, [r.workload for r in rows])
+        axis.set_title(f"{model} ({BENCH_SIZES.get(model, '')})")
+        axis.set_ylabel("items/s")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="video runs for llava_vit only")
+    parser.add_argument("--token_budget", type=int, default=32768, help="most tokens in one packvit pack")
+    parser.add_argument("--batch_size", type=int, default=32, help="items per baseline batch")
+    parser.add_argument("--backend", help="attention backend for packvit (default: automatic)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per figure (median reported)")
+    parser.add_argument("--items", type=int, help="items per workload (default: as BENCHMARKS.md defines)")
+    parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
+    parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and few items: a check that runs on the CPU")
+
+
+def run(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit(
+            "packvit bench measures full-size models and needs a CUDA GPU; on the CPU run "
+            "`packvit bench --smoke` (tiny models, few items) to check that the harness works."
+        )
+    if args.smoke and args.items is None:
+        args.items = 6
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    gemm_tflops = measure_gemm_tflops(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="packvit-bench-") as scratch:
+        root = Path(args.ckpt_dir or scratch)
+        for family in tqdm(args.models, desc="models"):
+            adapter = get_adapter(family)
+            workloads = [w for w in args.workloads if w != "video" or family == "llava_vit"]
+            ckpt = adapter.cached_random_checkpoint(root, size="tiny" if args.smoke else "full")
+            results.extend(bench_family(family, adapter, ckpt, workloads, args, device, gemm_tflops))
+    from .attention import select_backend
+
+    environment = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "attention_backend": args.backend or select_backend(device, torch.bfloat16 if device.type == "cuda" else torch.float32, 64),
+        "gemm_tflops": gemm_tflops,
+        "smoke": args.smoke,
+        "token_budget": args.token_budget,
+        "repeats": args.repeats,
+    }
+    (out / "bench.json").write_text(json.dumps({"environment": environment, "results": [asdict(r) for r in results]}, indent=2))
+    table = markdown_table(results, environment)
+    (out / "bench.md").write_text(table)
+    charted = write_chart(results, out / "bench.png")
+    print("\n" + table)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if charted else " (no chart: matplotlib missing)"))
+    return 0

@@ -1,0 +1,88 @@
+"""The ``packvit`` command: ``info``, ``align``, ``bench`` and ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from . import __version__, align
+from .attention import BACKENDS, backend_report, select_backend
+
+__all__ = ["info_lines", "main"]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info_lines(head_dims=(64, 72, 128)) -> list[str]:
+    """Versions, the device, and each attention backend's availability here (and why not)."""
+    lines = [
+        f"packvit      {__version__}",
+        f"python       {platform.python_version()}",
+        f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"transformers {_version('transformers')}",
+        f"flash-attn   {_version('flash-attn')}   flash-attn-3 {_version('flash_attn_3')}   flash-attn-4 {_version('flash-attn-4')}",
+        f"timm         {_version('timm')}",
+    ]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        device = torch.device("cuda")
+        lines.append(f"device       cuda: {torch.cuda.get_device_name()} (sm{major}{minor})")
+    else:
+        device = torch.device("cpu")
+        lines.append("device       cpu (no CUDA device)")
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim in head_dims:
+            chosen = select_backend(device, dtype, head_dim, backend="auto")
+            lines.append(f"\nattention backends for {device.type} {str(dtype).replace('torch.', '')} head_dim {head_dim} (auto: {chosen})")
+            for name, reason in backend_report(device, dtype, head_dim).items():
+                lines.append(f"  {name:13s} {'usable' if reason is None else 'no: ' + reason}")
+    return lines
+
+
+def _info(args) -> int:
+    print("\n".join(info_lines(tuple(args.head_dim))))
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="packvit", description="Vision transformers on packed sequences.")
+    parser.add_argument("--version", action="version", version=f"packvit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="versions, device and attention backends usable here")
+    info.add_argument("--head_dim", type=int, nargs="+", default=[64, 72, 128])
+    info.set_defaults(handler=_info)
+
+    align_parser = commands.add_parser("align", help="parity of packed models against their references")
+    align.add_arguments(align_parser)
+    align_parser.set_defaults(handler=align.run)
+
+    from . import bench, convert
+
+    bench_parser = commands.add_parser("bench", help="speed and memory against the reference (BENCHMARKS.md)")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=_bench)
+
+    convert.add_convert_parser(commands)
+
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

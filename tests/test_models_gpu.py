@@ -1,0 +1,114 @@
+"""Full-size parity of every family on the GPU: bf16 against the bf16 reference, float32 through
+the reference attention path against the float32 reference, and a forward free of host syncs.
+
+Random weights at the real sizes, the ``mixed`` items of BENCHMARKS.md (and the ``video`` clips
+for OneVision). Each test appends its figures as a JSON line to ``$PACKVIT_GPU_REPORT`` if set.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from packvit.bench import workload_grids
+from packvit.metrics import compute_similarity_metrics
+from packvit.reference import FAMILIES, get_adapter
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+POOLED_COSINE = {"siglip2": 0.999, "dinov3": 0.999, "aimv2": 0.999, "llava_vit": 0.9999}
+FLOAT32_ITEMS = 128  # float32 runs on the first items of the workload
+
+
+@pytest.fixture(scope="module")
+def checkpoint_root():
+    root = os.environ.get("PACKVIT_CKPT_DIR")
+    if root:
+        yield Path(root)
+    else:
+        with tempfile.TemporaryDirectory(prefix="packvit-gpu-") as scratch:
+            yield Path(scratch)
+
+
+def report(record: dict) -> None:
+    print("FIGURES", json.dumps(record))
+    path = os.environ.get("PACKVIT_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def compare(reference, packed):
+    tokens = compute_similarity_metrics(torch.cat([p.tokens for p in packed]), torch.cat([r.tokens for r in reference]))
+    first = compute_similarity_metrics(torch.stack([p.tokens[0] for p in packed]), torch.stack([r.tokens[0] for r in reference]))
+    pooled = None
+    if reference[0].pooled is not None:
+        pooled = compute_similarity_metrics(torch.stack([p.pooled for p in packed]), torch.stack([r.pooled for r in reference]))
+    return tokens, first, pooled
+
+
+def workloads_for(family):
+    return ["mixed", "video"] if family == "llava_vit" else ["mixed"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_size_parity(family, checkpoint_root):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    adapter = get_adapter(family)
+    ckpt = adapter.cached_random_checkpoint(checkpoint_root, size="full")
+    device = torch.device("cuda")
+    for workload in workloads_for(family):
+        for dtype, backend in ((torch.bfloat16, None), (torch.float32, "reference")):
+            reference = adapter.load_reference(ckpt, device, dtype)
+            packed = adapter.load_packed(ckpt, device, dtype)
+            packed.attention_backend = backend
+            grids = workload_grids(workload, family)
+            if dtype == torch.float32:
+                grids = grids[:FLOAT32_ITEMS]
+            items = [x.to(device, dtype) for x in adapter.random_items(grids, adapter.patch_size(packed), torch.Generator().manual_seed(0))]
+            with torch.inference_mode():
+                ref_out = adapter.run_reference(reference, items, 32)
+                packed_out = adapter.run_packed(packed, items)
+            tokens, first, pooled = compare(ref_out, packed_out)
+            record = {"family": family, "workload": workload, "dtype": str(dtype).replace("torch.", ""),
+                      "items": len(items), "tokens": tokens, "first_token": first, "pooled": pooled}
+            report(record)
+            if dtype == torch.bfloat16:
+                assert tokens["mean_cosine"] >= 0.999, record
+                if family == "dinov3":  # the first token of each item is its CLS
+                    assert first["min_cosine"] >= 0.999, record
+                if pooled is not None:
+                    assert pooled["min_cosine"] >= POOLED_COSINE[family], record
+            else:
+                assert tokens["max_diff"] <= 1e-4, record
+                if pooled is not None:
+                    assert pooled["max_diff"] <= 1e-4, record
+            del reference, packed
+            torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_makes_no_host_sync(family, checkpoint_root):
+    adapter = get_adapter(family)
+    ckpt = adapter.cached_random_checkpoint(checkpoint_root, size="tiny")
+    packed = adapter.load_packed(ckpt, torch.device("cuda"), torch.bfloat16)
+    grids = workload_grids("mixed", family, 16)
+    items = [x.cuda().bfloat16() for x in adapter.random_items(grids, adapter.patch_size(packed), torch.Generator().manual_seed(1))]
+    patches, grid_thw = adapter.pack(items, adapter.patch_size(packed))
+    assert grid_thw.device.type == "cpu"
+    with torch.inference_mode():
+        packed(patches, grid_thw)  # warm-up: kernel selection, pinned staging buffers
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = packed(patches, grid_thw.clone())  # a fresh host grid: nothing cached on the old one
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+    assert torch.isfinite(hidden.float()).all()
+
