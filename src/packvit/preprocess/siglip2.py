@@ -1,0 +1,202 @@
+"""The SigLIP2 NaFlex image processor, reproduced exactly, producing a packed batch directly.
+
+Each image is resized, keeping its aspect ratio approximately, to the largest size whose sides are
+multiples of the patch size and whose patch count fits ``max_num_patches`` (small images are
+upscaled); then rescaled by 1/255, normalised with mean = std = 0.5 (pixels in [-1, 1]) and cut
+into patches flattened as (row-in-patch, column-in-patch, channel). Nothing is padded: the result
+is a ``PackedBatch`` of ``[total_patches, p*p*3]`` patches and ``grid_thw`` rows ``(1, h, w)``.
+
+Two backends, matching transformers 5.23's two classes bit for bit:
+
+- ``"torch"`` (the default, because ``Siglip2ImageProcessor`` and ``AutoImageProcessor`` give
+  this backend to anyone with torchvision installed): resizes a uint8 tensor with
+  ``torch.nn.functional.interpolate(bilinear, antialias=True)`` as torchvision does (natively in
+  uint8 on CPUs with AVX2/AVX512 or arm64, else in float32 rounded back to uint8), then computes
+  ``(x - 127.5) / 127.5`` in float32. Needs no torchvision; runs on any ``device`` given.
+- ``"pil"``: ``Siglip2ImageProcessorPil``. Resizes with Pillow's bilinear filter, rescales in
+  float64, casts to float32 and normalises in float32.
+
+The two backends round their bilinear filters differently, so resized pixels can differ by one
+uint8 level (1/127.5 after normalisation); pick the backend the pipeline you compare with used.
+
+Inputs: PIL images of any mode, uint8 NumPy arrays ``[H, W]`` or ``[H, W, C]`` with 1, 3 or 4
+channels, or uint8 tensors ``[C, H, W]``. RGB images pass unchanged; others are converted to RGB
+as transformers does with ``do_convert_rgb=True`` (transparency composited onto white), where
+the reference processor, whose default leaves ``do_convert_rgb`` unset, would reject them.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..packing import PackedBatch, patchify
+from .common import HALF_MEAN, HALF_STD
+
+__all__ = [
+    "SIGLIP2_BACKENDS",
+    "SIGLIP2_PATCH_SIZE",
+    "SIGLIP2_MAX_NUM_PATCHES",
+    "target_size_for_max_num_patches",
+    "to_rgb_uint8",
+    "siglip2_resize",
+    "siglip2_normalize",
+    "siglip2_images",
+    "siglip2_preprocess",
+]
+
+SIGLIP2_BACKENDS = ("torch", "pil")
+SIGLIP2_PATCH_SIZE = 16
+SIGLIP2_MAX_NUM_PATCHES = 256
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in SIGLIP2_BACKENDS:
+        raise ValueError(f"SigLIP2 processor backend must be one of {SIGLIP2_BACKENDS}, got {backend!r}")
+
+
+def target_size_for_max_num_patches(
+    height: int, width: int, patch_size: int = SIGLIP2_PATCH_SIZE, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES,
+    eps: float = 1e-5,
+) -> tuple[int, int]:
+    """The (height, width) an image is resized to: the largest scale whose patch grid fits.
+
+    A side scaled by ``s`` becomes ``max(p, ceil(side * s / p) * p)``; ``s`` is found by bisection
+    on [eps / 10, 100] until the interval is narrower than ``eps``, keeping its lower end.
+    """
+    if max_num_patches < 1:
+        raise ValueError(f"max_num_patches must be at least 1, got {max_num_patches}")
+
+    def scaled(side: int, scale: float) -> int:
+        return int(max(patch_size, math.ceil(side * scale / patch_size) * patch_size))
+
+    low, high = eps / 10, 100.0
+    while high - low >= eps:
+        middle = (low + high) / 2
+        num_patches = (scaled(height, middle) / patch_size) * (scaled(width, middle) / patch_size)
+        if num_patches <= max_num_patches:
+            low = middle
+        else:
+            high = middle
+    return scaled(height, low), scaled(width, low)
+
+
+def to_rgb_uint8(image, backend: str = "torch") -> torch.Tensor:
+    """Any supported image → uint8 ``[3, H, W]``, converted to RGB as the backend's processor does
+    with ``do_convert_rgb=True``.
+
+    PIL images with transparency are composited onto white with Pillow (both backends); four-channel
+    arrays with rounding (``"pil"``) or in float32 with torchvision's truncating ``to_dtype``
+    (``"torch"``); one channel is repeated three times.
+    """
+    _check_backend(backend)
+    if isinstance(image, Image.Image):
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image.convert("RGBA"))
+        # [H, W, 3] → [3, H, W]
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3:
+            raise ValueError(f"tensor images must be uint8 [C, H, W], got shape {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"array and tensor images must be uint8, got {array.dtype}; convert with "
+            f"(x * 255).round().astype(np.uint8) or pass a PIL image"
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"array images must be [H, W] or [H, W, C] with 1, 3 or 4 channels, got {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4 and backend == "pil":
+        alpha = array[..., 3:4] / 255
+        array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    elif array.shape[2] == 4:
+        rgba = torch.from_numpy(np.ascontiguousarray(array)).float().mul_(1.0 / 255)
+        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        # [H, W, 3] → [3, H, W]
+        return rgb.mul(255 + 1.0 - 1e-3).to(torch.uint8).permute(2, 0, 1).contiguous()
+    # [H, W, 3] → [3, H, W]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def siglip2_resize(image: torch.Tensor, size: tuple[int, int], backend: str = "torch") -> torch.Tensor:
+    """Bilinear resize of uint8 ``[3, H, W]`` to uint8 ``[3, size[0], size[1]]``, as the backend's
+    processor does it."""
+    _check_backend(backend)
+    height, width = image.shape[-2:]
+    if backend == "pil":
+        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+        resized = pil.resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
+    if tuple(size) == (height, width):
+        return image
+    native_uint8 = image.device.type == "cpu" and (
+        torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    )
+    batch = image.unsqueeze(0) if native_uint8 else image.unsqueeze(0).float()
+    # [1, 3, H, W] → [1, 3, H', W']
+    resized = F.interpolate(batch, size=list(size), mode="bilinear", align_corners=False, antialias=True)
+    if not native_uint8:
+        resized = resized.round_().to(torch.uint8)
+    return resized[0]
+
+
+def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEAN, std=HALF_STD,
+                      rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``.
+
+    ``"pil"``: rescale in float64, cast to float32, normalise in float32. ``"torch"``:
+    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
+    """
+    _check_backend(backend)
+    if backend == "pil":
+        rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
+        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        normalized = (rescaled - mean32[:, None, None]) / std32[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray(normalized))
+    mean_scaled = torch.tensor(mean, device=image.device) * (1.0 / rescale_factor)
+    std_scaled = torch.tensor(std, device=image.device) * (1.0 / rescale_factor)
+    return (image.float() - mean_scaled[:, None, None]) / std_scaled[:, None, None]
+
+
+def siglip2_images(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
+                   patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> list[torch.Tensor]:
+    """Images → normalised float32 ``[3, H', W']`` tensors (sides multiples of ``patch_size``).
+
+    ``device`` (``"torch"`` backend only) is where the resize and normalisation run.
+    """
+    _check_backend(backend)
+    if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
+        images = [images]
+    items = []
+    for image in images:
+        rgb = to_rgb_uint8(image, backend)
+        if device is not None and backend == "torch":
+            rgb = rgb.to(device)
+        size = target_size_for_max_num_patches(rgb.shape[-2], rgb.shape[-1], patch_size, max_num_patches)
+        items.append(siglip2_normalize(siglip2_resize(rgb, size, backend), backend))
+    if not items:
+        raise ValueError("siglip2 preprocessing needs at least one image")
+    return items
+
+
+def siglip2_preprocess(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
+                       patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> PackedBatch:
+    """Images → ``PackedBatch(patches [sum h*w, p*p*3] float32, grid_thw [num_images, 3])``.
+
+    Item ``i``'s rows equal the first ``h_i * w_i`` rows of the reference processor's
+    ``pixel_values[i]`` and its grid row is ``(1, *spatial_shapes[i])``.
+    """
+    patches, grid_thw = patchify(siglip2_images(images, max_num_patches, backend, patch_size, device), patch_size, layout="ppc")
+    return PackedBatch(patches, grid_thw)
