@@ -1,0 +1,123 @@
+"""OneVision Encoder against packvit's standard ``LlavaViTModel``: the family half of align, bench and the tests.
+
+The reference is the dense model with the published checkpoint layout, so ``run_reference`` groups
+items of equal shape (images ``[C, H, W]``, videos ``[T, C, H, W]``) into batches; ``run_packed``
+runs every item in one pack, each video one attention segment. An item returns ``t*h*w`` tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import FamilyAdapter, ItemOutput
+
+__all__ = ["LlavaViTAdapter", "ADAPTER", "TINY", "FULL", "randomize_parameters"]
+
+#: small random configuration for CPU tests (head_dim 32)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+            image_size=112)
+#: lmms-lab-encoder/onevision-encoder-large
+FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+            image_size=448)
+
+
+def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Redraws every parameter so none is a no-op: matrices ``N(0, 1/fan_in)``, norm weights
+    ``1 + N(0, 0.2²)``, biases ``N(0, 0.1²)``, the probe ``N(0, 1)``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("probe"):
+                value = noise
+            elif parameter.dim() >= 2:
+                value = noise * parameter[0].numel() ** -0.5
+            elif "norm" in name and name.endswith("weight"):
+                value = 1 + 0.2 * noise
+            else:
+                value = 0.1 * noise
+            parameter.copy_(value.to(parameter.dtype))
+
+
+class LlavaViTAdapter(FamilyAdapter):
+    name = "llava_vit"
+    patch_layout = "cpp"
+    default_grids = ((32, 32), (16, 16))
+
+    def write_random_checkpoint(self, directory: Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
+        """Saves a random ``LlavaViTModel`` (the published layout) with ``save_pretrained``.
+
+        ``size``: ``"tiny"`` or ``"full"`` (the large checkpoint's shape); ``overrides`` replace
+        configuration fields (``use_head``, ``layer_norm_type``, ...).
+        """
+        from ..models.llava_vit import LlavaViTConfig, LlavaViTModel
+
+        if size not in self.sizes:
+            raise ValueError(f"size must be one of {self.sizes}, got {size!r}")
+        config = LlavaViTConfig(**{**(TINY if size == "tiny" else FULL), **overrides})
+        torch.manual_seed(seed)
+        model = LlavaViTModel(config)
+        randomize_parameters(model, seed)
+        directory = Path(directory)
+        model.save_pretrained(directory)
+        return directory
+
+    def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
+        from ..models.llava_vit import LlavaViTModel
+
+        return LlavaViTModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+
+    def load_packed(self, ckpt, device, dtype) -> torch.nn.Module:
+        from ..models.llava_vit import LlavaViTPackingModel
+
+        return LlavaViTPackingModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+
+    def patch_size(self, model: torch.nn.Module) -> int:
+        return int(model.config.patch_size)
+
+    def preprocess(self, images: Sequence, **options) -> list[torch.Tensor]:
+        """The published processor (448 px, bicubic, centre crop, CLIP mean/std); ``native=True``
+        for native resolution (see ``packvit.preprocess.llava_vit``)."""
+        from ..preprocess.llava_vit import preprocess_images, preprocess_native
+
+        if options.pop("native", False):
+            return preprocess_native(images, **options)
+        return preprocess_images(images, **options)
+
+    def extra_scenarios(self, patch_size: int, generator: torch.Generator) -> list[tuple[str, list[torch.Tensor]]]:
+        """A lone video, and a pack mixing images and videos of several sizes."""
+        video = self.random_items([(4, 8, 8)], patch_size, generator)
+        mixed = self.random_items([(6, 9), (3, 6, 5), (8, 8), (2, 4, 7), (5, 5)], patch_size, generator)
+        return [("video", video), ("images+videos", mixed)]
+
+    def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
+        """Items grouped by shape into dense batches of at most ``batch_size``; videos ``[T, C, H, W]``
+        are batched as ``[B, C, T, H, W]``."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(tuple(item.shape), []).append(index)
+        outputs: list[ItemOutput | None] = [None] * len(items)
+        for shape, indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.stack([items[i] for i in chunk])
+                if len(shape) == 4:
+                    batch = batch.transpose(1, 2)  # [B, T, C, H, W] → [B, C, T, H, W]
+                result = model(batch)
+                for row, i in enumerate(chunk):
+                    pooled = result.pooler_output[row] if result.pooler_output is not None else None
+                    outputs[i] = ItemOutput(result.last_hidden_state[row], pooled)
+        return outputs
+
+    def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
+        patches, grid_thw = self.pack(items, self.patch_size(model))
+        result = model(patches, grid_thw)
+        tokens = torch.split(result.last_hidden_state, grid_thw.prod(dim=1).tolist())
+        pooled = result.pooler_output
+        return [ItemOutput(t, pooled[i] if pooled is not None else None) for i, t in enumerate(tokens)]
+
+
+ADAPTER = LlavaViTAdapter()
