@@ -8,6 +8,7 @@ batch, no padding, no masks.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from .attention import varlen_attention
 from .metrics import compute_similarity_metrics
@@ -43,6 +44,22 @@ _LAZY = {
     "LlavaViTPackingModel": "packvit.models.llava_vit",
     "LlavaViTModel": "packvit.models.llava_vit",
 }
+
+
+def _register_timm_models() -> None:
+    """Makes ``timm.create_model("hf_llava_vit_packing_*_ln")`` work when timm is installed."""
+    if importlib.util.find_spec("timm") is None:
+        return
+    try:
+        import timm  # noqa: F401  (timm needs torchvision; without it there is nothing to register into)
+    except ImportError:
+        return
+    from .models.llava_vit import register_timm_models
+
+    register_timm_models()
+
+
+_register_timm_models()
 
 
 def __getattr__(name: str):

@@ -175,9 +175,11 @@ def _efficient_why_not(device, dtype, head_dim):
 
 
 def _run_efficient(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    # The kernel takes a batch of one sequence [1, total, H, hd] and the segment offsets.
+    # The kernel takes a batch of one sequence [1, total, H, hd] and the segment offsets; its
+    # backward needs the log-sum-exp, so it is computed whenever a gradient may be asked for.
+    needs_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = torch.ops.aten._efficient_attention_forward(
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0, 0, False, scale=scale
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0, 0, needs_lse, scale=scale
     )[0]
     return out.squeeze(0)
 

@@ -18,6 +18,7 @@ from .packing import SegmentLayout
 
 __all__ = [
     "VarlenContext",
+    "run_layer",
     "FusedQKVSelfAttention",
     "Mlp",
     "GatedMlp",
@@ -34,6 +35,34 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "silu": F.silu,
 }
+
+
+# Attention runs eagerly even inside a compiled layer: the kernels are opaque to the compiler, and
+# the graph break around them keeps each compiled piece free of the batch's segment structure.
+_attention_outside_graph = torch.compiler.disable(varlen_attention)
+
+
+def _call_layer(layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    return layer(x, *args)
+
+
+_compiled_call_layer = None
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, *args, compiled: bool = False) -> torch.Tensor:
+    """``layer(x, *args)``, or the same through ``torch.compile`` with a dynamic token count.
+
+    The compiled path fuses the norms, activations, residual adds and RoPE around the matrix
+    products into a few kernels. One compilation serves every layer of every model with the same
+    layer code, and packs of any composition reuse it (the token count is symbolic and the
+    segment structure only reaches the eager attention call).
+    """
+    global _compiled_call_layer
+    if not compiled:
+        return layer(x, *args)
+    if _compiled_call_layer is None:
+        _compiled_call_layer = torch.compile(_call_layer, dynamic=True)
+    return _compiled_call_layer(layer, x, *args)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -64,13 +93,13 @@ class VarlenContext:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Self-attention within segments: ``[S, H, hd]`` each → ``[S, H, hd]``."""
-        return varlen_attention(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
-                                scale=scale, backend=self.backend)
+        return _attention_outside_graph(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                        scale=scale, backend=self.backend)
 
     def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """One query per segment: ``query [N, H, hd]``, ``k, v [S, H, hd]`` → ``[N, H, hd]``."""
-        return varlen_attention(query, k, v, self.pool_cu_seqlens, self.cu_seqlens, 1, self.max_seqlen,
-                                scale=scale, backend=self.backend)
+        return _attention_outside_graph(query, k, v, self.pool_cu_seqlens, self.cu_seqlens, 1, self.max_seqlen,
+                                        scale=scale, backend=self.backend)
 
 
 class FusedQKVSelfAttention(nn.Module):

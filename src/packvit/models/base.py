@@ -124,6 +124,8 @@ class PackedVisionModel(nn.Module):
         self.config = config
         #: attention backend name for every varlen call of this model (None: automatic)
         self.attention_backend: str | None = None
+        #: run each encoder layer through torch.compile (fused elementwise work; see layers.run_layer)
+        self.compile_layers: bool = False
         state = None if directory is None else self.map_checkpoint(read_state_dict(directory))
         if state is None:
             self.build(config)

@@ -38,7 +38,9 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..layers import ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, RMSNorm, VarlenContext, fuse_linear
+from ..layers import (
+    ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, RMSNorm, VarlenContext, fuse_linear, run_layer,
+)
 from ..packing import item_token_counts, validate_grid_thw, validate_patches
 from ..rope import apply_onevision_rope, onevision_rope_axis_widths, onevision_rope_cos_sin
 from .base import read_config_dict, read_state_dict, resolve_checkpoint
@@ -287,6 +289,8 @@ class LlavaViTPackingModel(PreTrainedModel):
         self.head_dim = _check_config(config)
         #: attention backend for every varlen call (None: automatic; see packvit.attention)
         self.attention_backend: str | None = None
+        #: run each encoder layer through torch.compile (see packvit.layers.run_layer)
+        self.compile_layers: bool = False
         self.patch_embed = LlavaViTPatchEmbed(config)
         self.layernorm_pre = _norm(config)
         self.encoder = LlavaViTPackingEncoder(config)
@@ -346,7 +350,7 @@ class LlavaViTPackingModel(PreTrainedModel):
         x = self.layernorm_pre(self.patch_embed(hidden_states))  # [S, C*p*p] → [S, D]
         all_hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
-            x = layer(x, context, rope)
+            x = run_layer(layer, x, context, rope, compiled=self.compile_layers)
             if output_hidden_states:
                 all_hidden.append(x)
         pooled = None

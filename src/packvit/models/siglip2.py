@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, VarlenContext, fuse_linear
+from ..layers import ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, VarlenContext, fuse_linear, run_layer
 from ..packing import validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
@@ -308,7 +308,7 @@ class Siglip2NaflexPacking(PackedVisionModel):
         x = self.embeddings(hidden_states, grid_thw)  # [S, D]
         all_hidden_states = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
-            x = layer(x, context)
+            x = run_layer(layer, x, context, compiled=self.compile_layers)
             if output_hidden_states:
                 all_hidden_states.append(x)
         last_hidden_state = self.post_layernorm(x)
