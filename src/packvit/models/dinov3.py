@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from ..layers import FusedQKVSelfAttention, GatedMlp, Mlp, VarlenContext, fuse_linear
+from ..layers import FusedQKVSelfAttention, GatedMlp, Mlp, VarlenContext, fuse_linear, run_layer
 from ..packing import item_token_counts, prefix_token_index, validate_grid_thw, validate_patches
 from ..rope import apply_dinov3_rope, dinov3_inv_freq, dinov3_patch_coordinates, dinov3_rope_cos_sin
 from .base import PackedVisionModel, PackedVisionOutput
@@ -161,6 +161,15 @@ class DINOv3SequenceLayout:
             segment_lengths=[num_prefix_tokens + n for n in counts],
         )
 
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(source_index, patch_rows, prefix_rows flattened, patch_coordinates)`` on ``device``.
+
+        The three index maps travel in one non-blocking copy, the coordinates in another.
+        """
+        index_maps = [self.source_index, self.patch_rows, self.prefix_rows.flatten()]
+        on_device = _to_device(torch.cat(index_maps), device).split([m.numel() for m in index_maps])
+        return (*on_device, _to_device(self.patch_coordinates, device))
+
 
 def _to_device(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """One non-blocking host-to-device copy (from pinned memory on CUDA)."""
@@ -284,10 +293,7 @@ class DINOv3ViTPacking(PackedVisionModel):
         grid_thw, layout = self.sequence_layout(hidden_states, grid_thw)
         device, dtype, config = self.device, self.dtype, self.config
         num_items, num_prefix, hidden = grid_thw.shape[0], config.num_prefix_tokens, config.hidden_size
-        source_index = _to_device(layout.source_index, device)
-        patch_rows = _to_device(layout.patch_rows, device)
-        prefix_rows = _to_device(layout.prefix_rows.flatten(), device)
-        coordinates = _to_device(layout.patch_coordinates, device)
+        source_index, patch_rows, prefix_rows, coordinates = layout.to_device(device)
 
         x = self.embeddings(hidden_states.to(device=device, dtype=dtype), source_index)  # [S, D]
 
@@ -305,7 +311,7 @@ class DINOv3ViTPacking(PackedVisionModel):
         context = VarlenContext.from_lengths(layout.segment_lengths, device, backend=self.attention_backend)
         all_states = [x] if output_hidden_states else None
         for block in self.layer:
-            x = block(x, context, rope)
+            x = run_layer(block, x, context, rope, compiled=self.compile_layers)
             if all_states is not None:
                 all_states.append(x)
         x = self.norm(x)

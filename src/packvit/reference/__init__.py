@@ -51,12 +51,15 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def cached_random_checkpoint(self, root: Path, size: str = "tiny", seed: int = 0) -> Path:
-        """``write_random_checkpoint`` into ``root/<family>-<size>-<seed>``, reused when already there."""
+        """``write_random_checkpoint`` under ``root``, written once and reused by later calls."""
         directory = Path(root) / f"{self.name}-{size}-{seed}"
-        if not (directory / "config.json").is_file():
-            directory.mkdir(parents=True, exist_ok=True)
-            return self.write_random_checkpoint(directory, size=size, seed=seed)
-        return directory
+        marker = directory / "CHECKPOINT"  # written last: the path of a complete checkpoint
+        if marker.is_file():
+            return Path(marker.read_text())
+        directory.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.write_random_checkpoint(directory, size=size, seed=seed)
+        marker.write_text(str(checkpoint))
+        return Path(checkpoint)
 
     def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
         raise NotImplementedError

@@ -1,0 +1,158 @@
+"""DINOv3 ViT against transformers' ``DINOv3ViTModel``: the family's half of align, bench and tests.
+
+The reference takes dense batches of equal-size images ``[B, 3, H, W]`` and returns, per image,
+``1 + R + h*w`` tokens ``[CLS, registers, patches]`` after the final norm, and the normalised CLS
+as ``pooler_output``. The packed model returns the same tokens as ``prefix_tokens`` plus the patch
+tokens; ``run_packed`` reassembles them in the reference's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..models.dinov3 import DINOV3_RELEASES, DINOv3ViTPacking
+from ..packing import patchify, prefix_token_index
+from ..preprocess.dinov3 import DINOV3_MAX_NUM_PATCHES, preprocess_fixed, preprocess_native
+from . import FamilyAdapter, ItemOutput
+
+__all__ = ["DINOv3Adapter", "ADAPTER", "reference_config", "randomize_parameters"]
+
+#: tiny: a quick CPU configuration (head_dim 24, not a power of two); full: ViT-L/16
+_SIZES = {
+    "tiny": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96),
+    "full": {
+        name: getattr(DINOV3_RELEASES["facebook/dinov3-vitl16-pretrain-lvd1689m"], name)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    },
+}
+
+
+def reference_config(size: str = "tiny", **overrides):
+    """A transformers ``DINOv3ViTConfig`` of a named size (4 registers, patch 16, GELU) with overrides."""
+    from transformers import DINOv3ViTConfig
+
+    if size not in _SIZES:
+        raise ValueError(f"unknown DINOv3 size {size!r}; choose one of {sorted(_SIZES)}")
+    values = dict(_SIZES[size], patch_size=16, num_register_tokens=4, hidden_act="gelu")
+    values.update(overrides)
+    return DINOv3ViTConfig(**values)
+
+
+@torch.no_grad()
+def randomize_parameters(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random values for every parameter, biases, LayerScale, norms and prefix tokens included.
+
+    Norm weights 1 + N(0, 0.1²), LayerScale 0.3 + N(0, 0.1²), CLS and register tokens N(0, 1),
+    other tensors of two or more axes N(0, 1/fan_in) (so deep models stay well conditioned),
+    biases N(0, 0.1²).
+    """
+    for name, parameter in model.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+        if "norm" in name and name.endswith("weight"):
+            value = 1 + 0.1 * noise
+        elif "lambda1" in name:
+            value = 0.3 + 0.1 * noise
+        elif name.endswith("cls_token") or name.endswith("register_tokens"):
+            value = noise
+        elif parameter.dim() >= 2:
+            fan_in = parameter[0].numel()
+            value = noise / fan_in**0.5
+        else:
+            value = 0.1 * noise
+        parameter.copy_(value.to(parameter.dtype))
+
+
+class DINOv3Adapter(FamilyAdapter):
+    """``DINOv3ViTModel`` (dense, equal-size batches) vs ``DINOv3ViTPacking`` (one pack)."""
+
+    name = "dinov3"
+    default_grids = ((14, 14), (20, 30))
+
+    def write_random_checkpoint(self, directory: Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
+        """Saves a random ``DINOv3ViTModel`` (``size`` "tiny" or "full" = ViT-L/16) with ``save_pretrained``.
+
+        ``overrides`` change fields of the configuration (``use_gated_mlp``, ``query_bias`` ...).
+        """
+        from transformers import DINOv3ViTModel
+
+        directory = Path(directory)
+        config = reference_config(size, **overrides)
+        torch.manual_seed(seed)
+        model = DINOv3ViTModel(config)
+        randomize_parameters(model, torch.Generator().manual_seed(seed))
+        model.save_pretrained(directory)
+        return directory
+
+    def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
+        from transformers import DINOv3ViTModel
+
+        model = DINOv3ViTModel.from_pretrained(str(ckpt), attn_implementation="sdpa", dtype=dtype)
+        return model.to(device).eval()
+
+    def load_packed(self, ckpt, device, dtype) -> torch.nn.Module:
+        return DINOv3ViTPacking(ckpt=ckpt, device=device, dtype=dtype)
+
+    def patch_size(self, model: torch.nn.Module) -> int:
+        patch_size = model.config.patch_size
+        return patch_size[0] if isinstance(patch_size, (list, tuple)) else int(patch_size)
+
+    def preprocess(self, images: Sequence, mode: str = "fixed", max_num_patches: int = DINOV3_MAX_NUM_PATCHES,
+                   **options) -> list[torch.Tensor]:
+        """``mode="fixed"``: the reference processor (224×224); ``"native"``: aspect ratio kept."""
+        if options:
+            raise ValueError(f"unknown DINOv3 preprocessing options {sorted(options)}; use mode and max_num_patches")
+        if mode == "fixed":
+            return list(preprocess_fixed(images))
+        if mode == "native":
+            return preprocess_native(images, max_num_patches=max_num_patches)
+        raise ValueError(f"mode must be 'fixed' or 'native', got {mode!r}")
+
+    @torch.no_grad()
+    def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
+        """Items grouped by identical size into dense batches of up to ``batch_size``."""
+        parameter = next(model.parameters())
+        images = [_as_image(item) for item in items]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(index)
+        outputs: list[ItemOutput | None] = [None] * len(items)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                pixels = torch.stack([images[i] for i in chunk]).to(parameter.device, parameter.dtype)
+                result = model(pixel_values=pixels)
+                for row, index in enumerate(chunk):
+                    outputs[index] = ItemOutput(result.last_hidden_state[row], result.pooler_output[row])
+        return outputs
+
+    @torch.no_grad()
+    def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
+        """All items in one pack; tokens per item ``[CLS, registers, patches]`` like the reference."""
+        patches, grid_thw = patchify([_as_image(item) for item in items], model.patch_size, layout=model.patch_layout)
+        output = model(patches.to(model.device, model.dtype), grid_thw, return_dict=True)
+        num_items, num_prefix, hidden = output.prefix_tokens.shape
+        patch_counts = grid_thw.prod(dim=1).tolist()
+        # rows of cat([prefix tokens (N*P rows), patch tokens]) in segment order [prefix_i, patches_i]
+        prefix_rows, patch_rows = prefix_token_index(patch_counts, num_prefix)
+        order = torch.empty(prefix_rows.numel() + patch_rows.numel(), dtype=torch.int64)
+        order[prefix_rows.flatten()] = torch.arange(prefix_rows.numel())
+        order[patch_rows] = prefix_rows.numel() + torch.arange(patch_rows.numel())
+        tokens = torch.cat([output.prefix_tokens.reshape(-1, hidden), output.last_hidden_state])
+        tokens = tokens.index_select(0, order.to(tokens.device))  # [S, D], reference order
+        per_item = torch.split(tokens, [num_prefix + n for n in patch_counts])
+        return [ItemOutput(per_item[i], output.pooler_output[i]) for i in range(num_items)]
+
+
+def _as_image(item: torch.Tensor) -> torch.Tensor:
+    """An item ``[3, H, W]`` or a one-frame ``[1, 3, H, W]`` → ``[3, H, W]``."""
+    if item.dim() == 4:
+        if item.shape[0] != 1:
+            raise ValueError(f"DINOv3 takes images, got a video item of {item.shape[0]} frames; pass frames as separate items")
+        return item[0]
+    return item
+
+
+ADAPTER = DINOv3Adapter()
