@@ -38,13 +38,15 @@ BENCH_SIZES = {"siglip2": "so400m", "dinov3": "ViT-L", "aimv2": "large native", 
 
 
 def _naflex_grid(aspect: float, cap: int) -> tuple[int, int]:
-    """The largest (h, w) with h*w <= cap at aspect ratio w/h (the NaFlex rule)."""
-    scale = math.sqrt(cap / aspect)
-    while True:
-        h, w = max(1, int(scale)), max(1, int(scale * aspect))
-        if h * w <= cap:
-            return h, w
-        scale *= 0.999
+    """The largest (h, w) with h*w <= cap at aspect ratio w/h (the NaFlex rule): the tallest
+    h with w = floor(h * aspect) (at least 1) that fits."""
+    best = (1, 1)
+    for h in range(1, cap + 1):
+        w = max(1, int(h * aspect))
+        if h * w > cap:
+            break
+        best = (h, w)
+    return best
 
 
 def workload_grids(workload: str, family: str, num_items: int | None = None) -> list[tuple[int, int, int]]:
@@ -104,6 +106,9 @@ class BenchResult:
     packvit_activation_peak_mib: float
     baseline_activation_peak_mib: float
     memory_items: int
+    compiled_items_per_s: float | None = None
+    compiled_speedup: float | None = None
+    compiled_mfu: float | None = None
 
 
 def _synchronize(device):
@@ -185,7 +190,13 @@ def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, dev
             adapter.run_reference(reference, items, args.batch_size)
 
         with torch.inference_mode():
+            packed.compile_layers = False
             packed_s = _median_seconds(run_packed, device, args.repeats)
+            compiled_s = None
+            if args.compile:
+                packed.compile_layers = True
+                compiled_s = _median_seconds(run_packed, device, args.repeats)
+                packed.compile_layers = False
             baseline_s = _median_seconds(run_baseline, device, args.repeats)
             memory_items = items[: args.batch_size]
             packed_peak = _peak_memory(lambda: adapter.run_packed(packed, memory_items), device)
@@ -201,10 +212,15 @@ def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, dev
             packvit_activation_peak_mib=packed_peak[1], baseline_activation_peak_mib=baseline_peak[1],
             memory_items=len(memory_items),
         )
+        if compiled_s is not None:
+            result.compiled_items_per_s = len(items) / compiled_s
+            result.compiled_speedup = baseline_s / compiled_s
+            result.compiled_mfu = flops / compiled_s / (gemm_tflops * 1e12)
         tqdm.write(
             f"{family:9s} {workload:9s} packvit {result.packvit_items_per_s:9.1f} items/s  baseline "
             f"{result.baseline_items_per_s:9.1f} items/s  speed-up {result.speedup:5.2f}x  MFU {result.packvit_mfu:6.1%}  "
             f"peak {result.packvit_peak_mib:.0f}/{result.baseline_peak_mib:.0f} MiB"
+            + (f"  compiled {result.compiled_speedup:5.2f}x MFU {result.compiled_mfu:6.1%}" if compiled_s else "")
         )
         results.append(result)
     del reference, packed
@@ -221,16 +237,22 @@ def markdown_table(results: list[BenchResult], environment: dict) -> str:
         "| model | workload | items | tokens | packvit items/s | baseline items/s | speed-up | packvit MFU | baseline MFU | peak MiB packvit / baseline (32 items) | activation peak MiB packvit / baseline |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    compiled = any(r.compiled_items_per_s is not None for r in results)
+    if compiled:
+        lines[2] = lines[2][:-1] + " compiled layers: items/s, speed-up, MFU |"
+        lines[3] += "---|"
     for r in results:
+        extra = (f" {r.compiled_items_per_s:.1f}, {r.compiled_speedup:.2f}x, {r.compiled_mfu:.1%} |"
+                 if r.compiled_items_per_s is not None else (" - |" if compiled else ""))
         lines.append(
-            f"| {r.model} ({BENCH_SIZES.get(r.model, '')}) | {r.workload} | {r.items} | {r.tokens} | {r.packvit_items_per_s:.1f} | "
+            f"| {r.model} ({'tiny' if environment['smoke'] else BENCH_SIZES[r.model]}) | {r.workload} | {r.items} | {r.tokens} | {r.packvit_items_per_s:.1f} | "
             f"{r.baseline_items_per_s:.1f} | {r.speedup:.2f}x | {r.packvit_mfu:.1%} | {r.baseline_mfu:.1%} | "
-            f"{r.packvit_peak_mib:.0f} / {r.baseline_peak_mib:.0f} | {r.packvit_activation_peak_mib:.0f} / {r.baseline_activation_peak_mib:.0f} |"
+            f"{r.packvit_peak_mib:.0f} / {r.baseline_peak_mib:.0f} | {r.packvit_activation_peak_mib:.0f} / {r.baseline_activation_peak_mib:.0f} |" + extra
         )
     return "\n".join(lines) + "\n"
 
 
-def write_chart(results: list[BenchResult], path: Path) -> bool:
+def write_chart(results: list[BenchResult], path: Path, smoke: bool = False) -> bool:
     """Items/s per workload, packvit beside the baseline, one panel per model. False without matplotlib."""
     try:
         import matplotlib
@@ -249,7 +271,7 @@ def write_chart(results: list[BenchResult], path: Path) -> bool:
         for xi, r in zip(x, rows):
             axis.annotate(f"{r.speedup:.1f}x", (xi + 0.2, r.packvit_items_per_s), ha="center", va="bottom", fontsize=8)
         axis.set_xticks(x, [r.workload for r in rows])
-        axis.set_title(f"{model} ({BENCH_SIZES.get(model, '')})")
+        axis.set_title(f"{model} ({'tiny' if smoke else BENCH_SIZES[model]})")
         axis.set_ylabel("items/s")
     axes[0][0].legend()
     figure.tight_layout()
@@ -269,6 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, help="items per workload (default: as BENCHMARKS.md defines)")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
     parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
+    parser.add_argument("--compile", action="store_true", help="also time packvit with compiled encoder layers")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few items: a check that runs on the CPU")
 
 
@@ -309,7 +332,7 @@ def run(args) -> int:
     (out / "bench.json").write_text(json.dumps({"environment": environment, "results": [asdict(r) for r in results]}, indent=2))
     table = markdown_table(results, environment)
     (out / "bench.md").write_text(table)
-    charted = write_chart(results, out / "bench.png")
+    charted = write_chart(results, out / "bench.png", smoke=args.smoke)
     print("\n" + table)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'bench.png'}" if charted else " (no chart: matplotlib missing)"))
     return 0
