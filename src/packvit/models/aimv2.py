@@ -30,13 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import FusedQKVSelfAttention, GatedMlp, RMSNorm, VarlenContext, fuse_linear
-from ..packing import item_token_counts, token_positions, validate_grid_thw, validate_patches
+from ..packing import item_token_counts, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
 __all__ = [
     "AIMv2Config",
     "AIMv2Packing",
+    "config_from_hf_dict",
     "sincos_position_embedding",
+    "patch_rows_and_columns",
 ]
 
 
@@ -82,9 +84,12 @@ def config_from_hf_dict(config_dict: dict) -> AIMv2Config:
             f"checkpoint has model_type {model_type!r}, not an AIMv2 checkpoint (expected one of "
             f"{AIMV2_MODEL_TYPES}); load it with the packvit model of its own family"
         )
-    vision = config_dict.get("vision_config") or {} if model_type == "aimv2" else config_dict
-    if model_type == "aimv2" and not vision:
-        raise ValueError("AIMv2 checkpoint (model_type 'aimv2') has no vision_config; it cannot be loaded as a vision tower")
+    vision = config_dict.get("vision_config") if model_type == "aimv2" else config_dict
+    if not vision:
+        raise ValueError(
+            "AIMv2 checkpoint (model_type 'aimv2') has no vision_config: it is in the original remote-code "
+            "format; convert it with transformers' convert_aimv2_original_pytorch_to_hf.py first"
+        )
     known = {f.name for f in fields(AIMv2Config)}
     config = AIMv2Config(**{key: value for key, value in vision.items() if key in known})
     for name in ("image_size", "patch_size"):
@@ -102,23 +107,33 @@ def config_from_hf_dict(config_dict: dict) -> AIMv2Config:
 # --- Embeddings ---------------------------------------------------------------------------------
 
 
-def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """AIMv2's 2-D sin-cos embedding of tokens at ``(rows, cols)``: ``[n, dim]`` in ``dtype``.
+def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int, dtype: torch.dtype,
+                              device: torch.device | str = "cpu") -> torch.Tensor:
+    """AIMv2's 2-D sin-cos embedding of tokens at host positions ``rows, cols [n]``: ``[n, dim]``.
 
     ``[sin(c*w) | cos(c*w) | sin(r*w) | cos(r*w)]`` with ``w_k = 10000^(-k/(dim/4))``, computed in
-    float64 from one 1-D table over ``0..max(rows, cols)`` and cast, value for value the reference.
+    float64 on ``device`` from one 1-D table over ``0..max(rows, cols)``, then cast to ``dtype``:
+    value for value the reference's per-grid table.
     """
     if dim % 4:
         raise ValueError(f"the sin-cos position embedding needs a hidden size divisible by 4, got {dim}")
+    device = torch.device(device)
     quarter = dim // 4
-    device = rows.device
+    side = int(max(rows.max(), cols.max())) + 1
     compute_dtype = torch.float32 if device.type == "mps" else torch.float64
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=compute_dtype, device=device) / quarter)  # [D/4]
-    side = int(max(rows.max(), cols.max())) + 1 if rows.device.type == "cpu" else None
-    positions = torch.arange(side, dtype=compute_dtype, device=device).outer(omega)  # [side, D/4]
-    table = torch.cat([positions.sin(), positions.cos()], dim=1).to(dtype)  # [side, D/2]
-    # [n, D/2] (column part) | [n, D/2] (row part) → [n, D]
-    return torch.cat([table[cols], table[rows]], dim=1)
+    angles = torch.arange(side, dtype=compute_dtype, device=device).outer(omega)  # [side, D/4]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype)  # [side, D/2]
+    halves = table[_to_device(torch.stack([cols, rows]), device)]  # [2, n, D/2]: column part, row part
+    return torch.cat([halves[0], halves[1]], dim=1)  # [n, D]
+
+
+def patch_rows_and_columns(grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every patch of a host image grid ``[N, 3]`` (t = 1): two int64 ``[S]``."""
+    counts = grid_thw.prod(dim=1)  # [N]
+    widths = torch.repeat_interleave(grid_thw[:, 2], counts)  # [S]
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [S]
+    return offsets // widths, offsets % widths
 
 
 class AIMv2Embeddings(nn.Module):
@@ -139,16 +154,9 @@ class AIMv2Embeddings(nn.Module):
         the device once, without reading anything back.
         """
         device = self.patch_embed.weight.device
-        positions = token_positions(grid_thw)  # [S, 3] host: (t, row, column)
-        rows, cols = positions[:, 1], positions[:, 2]
+        rows, cols = patch_rows_and_columns(grid_thw)
         if self.config.is_native:
-            side = int(max(rows.max(), cols.max())) + 1
-            quarter = self.config.hidden_size // 4
-            omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-            axis = torch.arange(side, dtype=torch.float64, device=device).outer(omega)  # [side, D/4]
-            table = torch.cat([axis.sin(), axis.cos()], dim=1).to(dtype)  # [side, D/2]
-            # [S, D/2] column part | [S, D/2] row part → [S, D]
-            return torch.cat([table[_to_device(cols, device)], table[_to_device(rows, device)]], dim=1)
+            return sincos_position_embedding(rows, cols, self.config.hidden_size, dtype, device)
         return self._learned_position_embeddings(grid_thw, rows, cols, interpolate)
 
     def _learned_position_embeddings(self, grid_thw, rows, cols, interpolate: bool) -> torch.Tensor:
@@ -169,10 +177,9 @@ class AIMv2Embeddings(nn.Module):
             banks.append(weight if (h, w) == (side, side) else _resize_table(weight, side, h, w))
             offsets[(h, w)] = offset
             offset += h * w
-        counts = torch.tensor(item_token_counts(grid_thw))
+        counts = grid_thw.prod(dim=1)
         starts = torch.tensor([offsets[(h, w)] for _, h, w in grid_thw.tolist()])
-        widths = grid_thw[:, 2]
-        index = torch.repeat_interleave(starts, counts) + rows * torch.repeat_interleave(widths, counts) + cols
+        index = torch.repeat_interleave(starts, counts) + rows * torch.repeat_interleave(grid_thw[:, 2], counts) + cols
         bank = banks[0] if len(banks) == 1 else torch.cat(banks)  # [sum of distinct h*w, D]
         return bank[_to_device(index, bank.device)]
 
