@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import FusedQKVSelfAttention, GatedMlp, RMSNorm, VarlenContext, fuse_linear
+from ..layers import FusedQKVSelfAttention, GatedMlp, RMSNorm, VarlenContext, fuse_linear, run_layer
 from ..packing import item_token_counts, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
@@ -342,7 +342,7 @@ class AIMv2Packing(PackedVisionModel):
         x = self.embeddings(hidden_states.to(self.dtype), grid_thw, interpolate_pos_encoding)  # [S, D]
         all_hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
-            x = layer(x, context)
+            x = run_layer(layer, x, context, compiled=self.compile_layers)
             if output_hidden_states:
                 all_hidden.append(x)
         x = self.rms_norm(x)

@@ -75,11 +75,11 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def random_items(self, grids: Sequence[tuple[int, ...]], patch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """Random-normal items for (h, w) or (t, h, w) patch grids."""
+        """Random-normal items for (h, w) or (t, h, w) patch grids: images ``[3, H, W]`` where t is 1."""
         items = []
         for grid in grids:
             t, h, w = (1, *grid) if len(grid) == 2 else grid
-            shape = (3, h * patch_size, w * patch_size) if len(grid) == 2 else (t, 3, h * patch_size, w * patch_size)
+            shape = (3, h * patch_size, w * patch_size) if t == 1 else (t, 3, h * patch_size, w * patch_size)
             items.append(torch.randn(shape, generator=generator))
         return items
 
