@@ -139,3 +139,17 @@ def test_torch_varlen_signature_is_detected():
         assert call is None
     else:
         assert callable(call)
+
+
+def test_dense_sdpa_is_cuda_only_and_needs_uniform_segments():
+    q, k, v = random_qkv([4, 4], [4, 4])
+    cu = SegmentLayout.from_lengths([4, 4]).cu_seqlens_host
+    with pytest.raises(ValueError, match="'dense_sdpa' cannot run on cpu"):
+        varlen_attention(q, k, v, cu, cu, 4, 4, backend="dense_sdpa", uniform_seqlen=4)
+    with pytest.raises(ValueError, match="needs segments of one length"):
+        varlen_attention(q, k, v, cu, cu, 4, 4, backend="dense_sdpa")
+    with pytest.raises(ValueError, match="uniform_seqlen 3 does not describe"):
+        varlen_attention(q, k, v, cu, cu, 4, 4, uniform_seqlen=3)
+    # on the CPU a uniform pack still takes the exact reference path
+    out = varlen_attention(q, k, v, cu, cu, 4, 4, uniform_seqlen=4)
+    assert (out - dense_per_item(q, k, v, [4, 4], [4, 4])).abs().max() <= 1e-6

@@ -27,9 +27,9 @@ def inputs(lengths_q, lengths_k, head_dim, dtype, seed):
     return q, k, v, cu_q, cu_k
 
 
-def forward_backward(backend, q, k, v, cu_q, cu_k, max_q, max_k, upstream):
+def forward_backward(backend, q, k, v, cu_q, cu_k, max_q, max_k, upstream, uniform_seqlen=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
+    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, uniform_seqlen=uniform_seqlen)
     (out.float() * upstream).sum().backward()
     return out, q.grad, k.grad, v.grad
 
@@ -40,11 +40,15 @@ def forward_backward(backend, q, k, v, cu_q, cu_k, max_q, max_k, upstream):
 def test_backend_matches_reference_bf16(name, head_dim, queries):
     if not available(name, torch.bfloat16, head_dim):
         pytest.skip(f"{name}: {backend_report('cuda', torch.bfloat16, head_dim)[name]}")
-    lengths_q = LENGTHS if queries == "self" else [1] * len(LENGTHS)
-    q, k, v, cu_q, cu_k = inputs(lengths_q, LENGTHS, head_dim, torch.bfloat16, seed=head_dim)
+    lengths_k = [300] * 7 if name == "dense_sdpa" else LENGTHS  # dense batches need equal lengths
+    if name == "dense_sdpa" and queries != "self":
+        pytest.skip("dense_sdpa serves equal-length self-attention")
+    lengths_q = lengths_k if queries == "self" else [1] * len(lengths_k)
+    uniform = lengths_k[0] if name == "dense_sdpa" else None
+    q, k, v, cu_q, cu_k = inputs(lengths_q, lengths_k, head_dim, torch.bfloat16, seed=head_dim)
     upstream = torch.randn(q.shape, device="cuda")
-    got = forward_backward(name, q, k, v, cu_q, cu_k, max(lengths_q), max(LENGTHS), upstream)
-    ref = forward_backward("reference", q.float(), k.float(), v.float(), cu_q, cu_k, max(lengths_q), max(LENGTHS), upstream)
+    got = forward_backward(name, q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), upstream, uniform)
+    ref = forward_backward("reference", q.float(), k.float(), v.float(), cu_q, cu_k, max(lengths_q), max(lengths_k), upstream)
     labels = ("out", "dq", "dk", "dv") if BACKENDS[name].has_backward else ("out",)
     for label, a, b in zip(labels, got, ref):
         assert relative_error(a, b) <= 1e-2, f"{name} {label} hd {head_dim}: {relative_error(a, b):.2e}"
@@ -58,6 +62,14 @@ def test_efficient_float32_is_exact(head_dim):
     out = varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS), max(LENGTHS), backend="efficient")
     ref = varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS), max(LENGTHS), backend="reference")
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_uniform_segments_choose_dense_sdpa_automatically():
+    lengths = [256] * 6
+    q, k, v, cu, _ = inputs(lengths, lengths, 64, torch.bfloat16, seed=5)
+    dense = varlen_attention(q, k, v, cu, cu, 256, 256, uniform_seqlen=256)
+    varlen = varlen_attention(q, k, v, cu, cu, 256, 256, backend="torch_varlen")
+    assert relative_error(dense, varlen) <= 1e-2
 
 
 def test_auto_backend_call_makes_no_host_sync():

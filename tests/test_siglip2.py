@@ -43,7 +43,7 @@ def checkpoint(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(checkpoint):
     reference = ADAPTER.load_reference(checkpoint, "cpu", torch.float32)
-    packed = Siglip2NaflexPacking(ckpt=checkpoint)
+    packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
     return reference, packed
 
 
@@ -153,7 +153,7 @@ def test_full_siglip2_checkpoint_with_text_tower(tmp_path):
     randomize_vectors(full, torch.Generator().manual_seed(5))
     full.save_pretrained(tmp_path)
     assert any(key.startswith("text_model.") for key in load_file(str(tmp_path / "model.safetensors")))
-    packed = Siglip2NaflexPacking.from_pretrained(tmp_path)
+    packed = Siglip2NaflexPacking.from_pretrained(tmp_path, device="cpu")
     assert packed.config == Siglip2NaflexConfig(**vision)
     items = _items([(3, 11), (16, 16)], seed=6)
     with torch.no_grad():
@@ -170,14 +170,14 @@ def test_vision_only_checkpoint_with_prefixed_keys(tmp_path, checkpoint):
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     patches, grid_thw = patchify(_items([(6, 5)], seed=7), 16)
     with torch.no_grad():
-        expected = Siglip2NaflexPacking(ckpt=checkpoint)(patches, grid_thw)
-        assert torch.equal(Siglip2NaflexPacking(ckpt=tmp_path)(patches, grid_thw), expected)
+        expected = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")(patches, grid_thw)
+        assert torch.equal(Siglip2NaflexPacking(ckpt=tmp_path, device="cpu")(patches, grid_thw), expected)
 
 
 def test_model_without_head(tmp_path):
     checkpoint = _write_vision_checkpoint(tmp_path, seed=8, hidden_size=48, intermediate_size=64,
                                           num_attention_heads=3, vision_use_head=False)
-    packed = Siglip2NaflexPacking(ckpt=checkpoint)
+    packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
     assert packed.head is None
     reference = ADAPTER.load_reference(checkpoint, "cpu", torch.float32)
     items = _items([(2, 9), (12, 12)], seed=9)
@@ -188,7 +188,7 @@ def test_model_without_head(tmp_path):
 
 
 def test_position_cache_follows_weight_changes(checkpoint):
-    packed = Siglip2NaflexPacking(ckpt=checkpoint)
+    packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
     patches, grid_thw = patchify(_items([(5, 9), (16, 16)], seed=10), 16)
     with torch.no_grad():
         first = packed(patches, grid_thw)
@@ -196,7 +196,7 @@ def test_position_cache_follows_weight_changes(checkpoint):
         assert torch.equal(packed(patches, grid_thw), first)  # served from the cache
         packed.embeddings.position_embedding.weight.mul_(2.0)  # in place: bumps the version counter
         changed = packed(patches, grid_thw)
-        fresh = Siglip2NaflexPacking(ckpt=checkpoint)
+        fresh = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
         fresh.embeddings.position_embedding.weight.mul_(2.0)
         expected = fresh(patches, grid_thw)
     assert not torch.allclose(changed, first)
@@ -210,10 +210,12 @@ def test_position_cache_follows_weight_changes(checkpoint):
 
 def test_loading_defaults_and_lazy_export(checkpoint):
     packed = packvit.Siglip2NaflexPacking(ckpt=str(checkpoint))
-    assert packed.dtype == torch.float32 and packed.device.type == "cpu"
+    on_cuda = torch.cuda.is_available()
+    assert packed.device.type == ("cuda" if on_cuda else "cpu")
+    assert packed.dtype == (torch.bfloat16 if on_cuda else torch.float32)
     assert not packed.training
     assert packed.patch_size == 16
-    half = Siglip2NaflexPacking.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    half = Siglip2NaflexPacking.from_pretrained(checkpoint, device="cpu", dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     assert not any(name.endswith(("q_proj.weight", "k_proj.weight")) for name, _ in packed.named_parameters())
     assert not list(packed.buffers())
@@ -253,13 +255,13 @@ def test_non_positive_grid(models):
 def test_checkpoint_of_another_family(tmp_path, config_class, match):
     getattr(transformers, config_class)().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=match):
-        Siglip2NaflexPacking(ckpt=tmp_path)
+        Siglip2NaflexPacking(ckpt=tmp_path, device="cpu")
 
 
 def test_siglip2_config_without_vision_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
     with pytest.raises(ValueError, match="no vision_config"):
-        Siglip2NaflexPacking(ckpt=tmp_path)
+        Siglip2NaflexPacking(ckpt=tmp_path, device="cpu")
 
 
 def test_adapter_sizes():

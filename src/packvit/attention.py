@@ -184,6 +184,20 @@ def _run_efficient(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return out.squeeze(0)
 
 
+def _dense_why_not(device, dtype, head_dim):
+    if device.type != "cuda":
+        return "used on CUDA only (on the CPU the reference path is the same computation)"
+    return None
+
+
+def _run_dense(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """Equal-length segments as one dense batch: ``[B*n, H, hd]`` viewed as ``[B, H, n, hd]`` for SDPA."""
+    batch = q.shape[0] // max_q
+    qd, kd, vd = (t.view(batch, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)  # [B, H, n, hd]
+    return out.transpose(1, 2).reshape(q.shape)
+
+
 def _run_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """Dense attention per segment. Reads the boundaries on the host: free on the CPU, a sync on CUDA."""
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
@@ -228,6 +242,10 @@ BACKENDS: dict[str, AttentionBackend] = {
             _efficient_why_not, _run_efficient,
         ),
         AttentionBackend(
+            "dense_sdpa", "F.scaled_dot_product_attention on equal-length segments as a dense batch (cuDNN on Hopper)",
+            _dense_why_not, _run_dense,
+        ),
+        AttentionBackend(
             "reference", "dense SDPA per segment (exact; CPU or any dtype, the float32 reference)",
             lambda d, t, h: None, _run_reference,
         ),
@@ -252,21 +270,33 @@ def _requested_backend(backend: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, uniform: bool = False) -> str:
+    if uniform and dtype in HALF_DTYPES and BACKENDS["dense_sdpa"].why_not(device, dtype, head_dim) is None:
+        return "dense_sdpa"
     for name, backend in BACKENDS.items():
-        if backend.why_not(device, dtype, head_dim) is None:
+        if name != "dense_sdpa" and backend.why_not(device, dtype, head_dim) is None:
             return name
     raise AssertionError("the reference backend runs everywhere")
 
 
-def select_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None) -> str:
-    """The backend ``varlen_attention`` uses for these inputs (argument, then environment, then auto)."""
+def select_backend(
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None, uniform: bool = False
+) -> str:
+    """The backend ``varlen_attention`` uses for these inputs (argument, then environment, then auto).
+
+    ``uniform``: every query and key segment has the same length, so the dense kernels qualify.
+    """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     name = _requested_backend(backend)
     if name is None:
-        return _auto_backend(device, dtype, head_dim)
+        return _auto_backend(device, dtype, head_dim, uniform)
+    if name == "dense_sdpa" and not uniform:
+        raise ValueError(
+            "attention backend 'dense_sdpa' needs segments of one length (pass uniform_seqlen); "
+            "choose a varlen backend for segments of different lengths"
+        )
     reason = BACKENDS[name].why_not(device, dtype, head_dim)
     if reason:
         raise ValueError(
@@ -311,12 +341,21 @@ def varlen_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
+    uniform_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Attention within segments: ``q [Tq, H, hd]``, ``k, v [Tk, H, hd]`` → ``[Tq, H, hd]``.
 
     ``cu_seqlens_*`` are int32 offsets on the tensors' device; ``max_seqlen_*`` Python ints (an
-    upper bound is fine). ``scale`` defaults to ``head_dim ** -0.5``.
+    upper bound is fine). ``scale`` defaults to ``head_dim ** -0.5``. ``uniform_seqlen``, when the
+    caller knows on the host that every query and key segment has exactly this length, lets the
+    automatic selection run the segments as one dense batch (``dense_sdpa``).
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    name = select_backend(q.device, q.dtype, q.shape[-1], backend)
+    uniform = uniform_seqlen is not None
+    if uniform and (q.shape[0] != k.shape[0] or q.shape[0] % uniform_seqlen or max_seqlen_q != uniform_seqlen):
+        raise ValueError(
+            f"uniform_seqlen {uniform_seqlen} does not describe {q.shape[0]} query and {k.shape[0]} key tokens "
+            f"with max_seqlen {max_seqlen_q}; pass it only when every segment has that length"
+        )
+    name = select_backend(q.device, q.dtype, q.shape[-1], backend, uniform)
     return BACKENDS[name].run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)

@@ -291,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, help="items per workload (default: as BENCHMARKS.md defines)")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
     parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
-    parser.add_argument("--compile", action="store_true", help="also time packvit with compiled encoder layers")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time packvit with compiled encoder layers (model.compile_layers = True)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few items: a check that runs on the CPU")
 
 

@@ -93,8 +93,9 @@ class VarlenContext:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Self-attention within segments: ``[S, H, hd]`` each → ``[S, H, hd]``."""
+        uniform = self.max_seqlen if self.max_seqlen * self.segments.num_segments == self.segments.total else None
         return _attention_outside_graph(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
-                                        scale=scale, backend=self.backend)
+                                        scale=scale, backend=self.backend, uniform_seqlen=uniform)
 
     def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """One query per segment: ``query [N, H, hd]``, ``k, v [S, H, hd]`` → ``[N, H, hd]``."""
