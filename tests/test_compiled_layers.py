@@ -14,6 +14,7 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
     model = adapter.load_packed(adapter.write_random_checkpoint(tmp_path, "tiny"), torch.device("cpu"), torch.float32)
     patch_size = adapter.patch_size(model)
     generator = torch.Generator().manual_seed(0)
+    graphs_after_first_pack = None
     for grids in ([(3, 4), (5, 2)], [(1, 1), (7, 3), (2, 9)], [(6, 6)]):
         patches, grid_thw = adapter.pack(adapter.random_items(grids, patch_size, generator), patch_size)
         with torch.inference_mode():
@@ -23,5 +24,6 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
             compiled = model(patches, grid_thw, return_dict=True)
         assert (compiled.last_hidden_state - eager.last_hidden_state).abs().max() <= 1e-5
         assert (compiled.pooler_output - eager.pooler_output).abs().max() <= 1e-5
+        graphs_after_first_pack = graphs_after_first_pack or dynamo_counters["stats"]["unique_graphs"]
     assert sum(dynamo_counters["recompiles"].values()) == 0
-    assert dynamo_counters["stats"]["unique_graphs"] <= 6
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs_after_first_pack  # later packs compiled nothing new

@@ -37,11 +37,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# Attention runs eagerly even inside a compiled layer: the kernels are opaque to the compiler, and
-# the graph break around them keeps each compiled piece free of the batch's segment structure.
-_attention_outside_graph = torch.compiler.disable(varlen_attention)
-
-
 def _call_layer(layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
     return layer(x, *args)
 
@@ -91,16 +86,20 @@ class VarlenContext:
         pool = SegmentLayout.one_per_item(segments.num_segments)
         return cls(segments, segments.cu_seqlens(device), segments.max_seqlen, pool.cu_seqlens(device), backend)
 
+    # Attention runs eagerly even inside a compiled layer: the kernels are opaque to the compiler,
+    # and the graph break keeps each compiled piece free of the batch's segment structure.
+    @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Self-attention within segments: ``[S, H, hd]`` each → ``[S, H, hd]``."""
         uniform = self.max_seqlen if self.max_seqlen * self.segments.num_segments == self.segments.total else None
-        return _attention_outside_graph(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
-                                        scale=scale, backend=self.backend, uniform_seqlen=uniform)
+        return varlen_attention(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                scale=scale, backend=self.backend, uniform_seqlen=uniform)
 
+    @torch.compiler.disable
     def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """One query per segment: ``query [N, H, hd]``, ``k, v [S, H, hd]`` → ``[N, H, hd]``."""
-        return _attention_outside_graph(query, k, v, self.pool_cu_seqlens, self.cu_seqlens, 1, self.max_seqlen,
-                                        scale=scale, backend=self.backend)
+        return varlen_attention(query, k, v, self.pool_cu_seqlens, self.cu_seqlens, 1, self.max_seqlen,
+                                scale=scale, backend=self.backend)
 
 
 class FusedQKVSelfAttention(nn.Module):
