@@ -239,7 +239,7 @@ def markdown_table(results: list[BenchResult], environment: dict) -> str:
     ]
     compiled = any(r.compiled_items_per_s is not None for r in results)
     if compiled:
-        lines[2] = lines[2][:-1] + " compiled layers: items/s, speed-up, MFU |"
+        lines[2] += " compiled layers: items/s, speed-up, MFU |"
         lines[3] += "---|"
     for r in results:
         extra = (f" {r.compiled_items_per_s:.1f}, {r.compiled_speedup:.2f}x, {r.compiled_mfu:.1%} |"
@@ -265,11 +265,17 @@ def write_chart(results: list[BenchResult], path: Path, smoke: bool = False) -> 
     figure, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
         rows = [r for r in results if r.model == model]
-        x = np.arange(len(rows))
-        axis.bar(x - 0.2, [r.baseline_items_per_s for r in rows], 0.4, label="reference")
-        axis.bar(x + 0.2, [r.packvit_items_per_s for r in rows], 0.4, label="packvit")
-        for xi, r in zip(x, rows):
-            axis.annotate(f"{r.speedup:.1f}x", (xi + 0.2, r.packvit_items_per_s), ha="center", va="bottom", fontsize=8)
+        compiled = [r.compiled_items_per_s for r in rows]
+        bars = [("reference", [r.baseline_items_per_s for r in rows], None),
+                ("packvit", [r.packvit_items_per_s for r in rows], [r.speedup for r in rows])]
+        if all(c is not None for c in compiled):
+            bars.append(("packvit, compiled layers", compiled, [r.compiled_speedup for r in rows]))
+        x, width = np.arange(len(rows)), 0.8 / len(bars)
+        for index, (label, values, speedups) in enumerate(bars):
+            positions = x + (index - (len(bars) - 1) / 2) * width
+            axis.bar(positions, values, width, label=label)
+            for position, value, speedup in zip(positions, values, speedups or []):
+                axis.annotate(f"{speedup:.1f}x", (position, value), ha="center", va="bottom", fontsize=7)
         axis.set_xticks(x, [r.workload for r in rows])
         axis.set_title(f"{model} ({'tiny' if smoke else BENCH_SIZES[model]})")
         axis.set_ylabel("items/s")
