@@ -12,7 +12,7 @@ from packvit.preprocess.common import IMAGENET_MEAN, IMAGENET_STD
 from packvit.preprocess.dinov3 import (
     image_to_uint8,
     native_size,
-    pack_images,
+    dinov3_preprocess,
     preprocess_fixed,
     preprocess_native,
     rescale_resize_normalize,
@@ -93,7 +93,7 @@ def test_native_size_keeps_aspect_ratio_under_the_budget():
 
 def test_native_mode_packs_every_image_at_its_own_size():
     arrays = [skimage_data.chelsea(), skimage_data.rocket(), skimage_data.page(), skimage_data.hubble_deep_field()]
-    batch = pack_images(arrays, mode="native", max_num_patches=256)
+    batch = dinov3_preprocess(arrays, mode="native", max_num_patches=256)
     assert isinstance(batch, PackedBatch)
     expected_grids = [[1, *(s // 16 for s in native_size(*a.shape[:2], 16, 256))] for a in arrays]
     assert batch.grid_thw.tolist() == expected_grids
@@ -107,7 +107,7 @@ def test_native_mode_packs_every_image_at_its_own_size():
 
 def test_fixed_mode_packs_196_patches_per_image():
     arrays = [skimage_data.coffee(), skimage_data.coins()]
-    batch = pack_images(arrays, mode="fixed")
+    batch = dinov3_preprocess(arrays, mode="fixed")
     assert batch.grid_thw.tolist() == [[1, 14, 14], [1, 14, 14]]
     patches, _ = patchify(preprocess_fixed(arrays), 16, layout="ppc")
     assert torch.equal(batch.patches, patches)
@@ -115,6 +115,6 @@ def test_fixed_mode_packs_196_patches_per_image():
 
 def test_unknown_mode_and_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="mode must be 'native' or 'fixed'"):
-        pack_images([np.zeros((16, 16, 3), np.uint8)], mode="square")
+        dinov3_preprocess([np.zeros((16, 16, 3), np.uint8)], mode="square")
     with pytest.raises(ValueError, match="max_num_patches must be at least 1"):
         native_size(100, 100, 16, 0)

@@ -8,7 +8,7 @@ bilinear resize with antialias (``align_corners=False``; skipped when the size d
   to 224×224 (aspect ratio not kept): ``pixel_values [B, 3, 224, 224]``, 196 patches per image.
 - ``preprocess_native``: the aspect ratio kept, sides rounded to multiples of the patch size,
   scaled down only when an image exceeds a patch budget (``native_size``); items of different
-  sizes, packed by ``pack_images`` into one ``PackedBatch``: how packed DINOv3 is meant to run.
+  sizes, packed by ``dinov3_preprocess`` into one ``PackedBatch``: how packed DINOv3 is meant to run.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
     "preprocess_fixed",
     "native_size",
     "preprocess_native",
-    "pack_images",
+    "dinov3_preprocess",
 ]
 
 DINOV3_IMAGE_SIZE = (224, 224)
@@ -107,7 +107,7 @@ def preprocess_native(images: Sequence, patch_size: int = DINOV3_PATCH_SIZE,
     return items
 
 
-def pack_images(images: Sequence, mode: str = "native", patch_size: int = DINOV3_PATCH_SIZE,
+def dinov3_preprocess(images: Sequence, mode: str = "native", patch_size: int = DINOV3_PATCH_SIZE,
                 max_num_patches: int = DINOV3_MAX_NUM_PATCHES) -> PackedBatch:
     """Images → one ``PackedBatch`` of (p, p, C) patches for ``DINOv3ViTPacking``.
 
