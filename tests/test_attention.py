@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from packvit import attention
 from packvit.attention import BACKENDS, backend_report, select_backend, varlen_attention

@@ -15,7 +15,6 @@ from packvit.reference.dinov3 import ADAPTER, reference_config
 from packvit.rope import apply_dinov3_rope, dinov3_inv_freq, dinov3_patch_coordinates, dinov3_rope_cos_sin
 
 transformers = pytest.importorskip("transformers")
-from transformers import DINOv3ViTModel  # noqa: E402
 from transformers.models.dinov3_vit import modeling_dinov3_vit as hf_dinov3  # noqa: E402
 
 TOLERANCE = 1e-5

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from packvit.bench import workload_grids
 from packvit.metrics import compute_similarity_metrics

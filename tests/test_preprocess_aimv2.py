@@ -14,8 +14,6 @@ from PIL import Image
 from packvit.packing import patchify
 from packvit.preprocess.aimv2 import aimv2_pixels, aimv2_preprocess, native_grid
 from packvit.preprocess.clip import (
-    CLIP_MEAN,
-    CLIP_STD,
     clip_center_crop,
     clip_preprocess,
     clip_resize_center_crop,

@@ -223,9 +223,6 @@ def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, dev
             + (f"  compiled {result.compiled_speedup:5.2f}x MFU {result.compiled_mfu:6.1%}" if compiled_s else "")
         )
         results.append(result)
-    del reference, packed
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return results
 
 
@@ -324,6 +321,8 @@ def run(args) -> int:
             workloads = [w for w in args.workloads if w != "video" or family == "llava_vit"]
             ckpt = adapter.cached_random_checkpoint(root, size="tiny" if args.smoke else "full")
             results.extend(bench_family(family, adapter, ckpt, workloads, args, device, gemm_tflops))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the family's two models are gone with bench_family's frame
     from .attention import select_backend
 
     environment = {

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import __version__, align
-from .attention import BACKENDS, backend_report, select_backend
+from .attention import backend_report, select_backend
 
 __all__ = ["info_lines", "main"]
 

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import CLIP_MEAN, CLIP_STD
+from .common import CLIP_MEAN, CLIP_STD, check_backend, to_rgb_uint8
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "CLIP_BACKENDS",
     "CLIP_RESAMPLE",
     "to_rgb_uint8",
     "shortest_edge_size",
@@ -42,14 +41,9 @@ __all__ = [
     "clip_preprocess",
 ]
 
-CLIP_BACKENDS = ("pil", "torch")
 #: resampling filters by name, with their Pillow codes (transformers' ``resample`` values)
 CLIP_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
-
-def _check_backend(backend: str) -> None:
-    if backend not in CLIP_BACKENDS:
-        raise ValueError(f"CLIP processor backend must be one of {CLIP_BACKENDS}, got {backend!r}")
 
 
 def _resample_name(resample) -> str:
@@ -73,47 +67,6 @@ def _pair(size, what: str) -> tuple[int, int]:
     raise ValueError(f"{what} must be an int, a (height, width) pair or {{'height', 'width'}}, got {size!r}")
 
 
-def to_rgb_uint8(image, backend: str = "pil") -> torch.Tensor:
-    """Any supported image → uint8 ``[3, H, W]``, converted to RGB the way the backend's processor does.
-
-    Transparency is composited onto white: for PIL images with Pillow (both backends); for
-    4-channel arrays with rounding (``"pil"``) or in float32 with torchvision's truncating
-    ``to_dtype`` (``"torch"``). One channel is repeated three times.
-    """
-    _check_backend(backend)
-    if isinstance(image, Image.Image):
-        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        if has_alpha:
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        # [H, W, 3] → [3, H, W]
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"tensor images must be uint8 [C, H, W], got shape {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(
-            f"array and tensor images must be uint8, got {array.dtype}; convert with "
-            f"(x * 255).round().astype(np.uint8) or pass a PIL image"
-        )
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"array images must be [H, W] or [H, W, C] with 1, 3 or 4 channels, got {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[2] == 4 and backend == "pil":
-        alpha = array[..., 3:4] / 255
-        array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    elif array.shape[2] == 4:
-        rgba = torch.from_numpy(np.ascontiguousarray(array)).float().mul_(1.0 / 255)
-        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
-        return rgb.mul(256.0 - 1e-3).to(torch.uint8).permute(2, 0, 1).contiguous()
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
-
-
 def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
     """(height, width) after scaling the shorter side to ``shortest_edge``; the longer side is
     ``int(shortest_edge * long / short)`` (truncated), as in transformers."""
@@ -128,7 +81,7 @@ def clip_resize(image: torch.Tensor, size, resample="bicubic", backend: str = "p
     ``size``: an int resizes the shortest edge to it (aspect ratio kept); a (height, width) pair
     resizes to exactly that size.
     """
-    _check_backend(backend)
+    check_backend(backend)
     name = _resample_name(resample)
     height, width = image.shape[-2:]
     new_size = shortest_edge_size(height, width, size) if isinstance(size, int) else _pair(size, "size")
@@ -157,7 +110,7 @@ def clip_resize(image: torch.Tensor, size, resample="bicubic", backend: str = "p
 def clip_center_crop(image: torch.Tensor, crop_size, backend: str = "pil") -> torch.Tensor:
     """Centre crop ``[C, H, W]`` → ``[C, crop_h, crop_w]``, zero-padding an image smaller than the
     crop the way each backend's processor does."""
-    _check_backend(backend)
+    check_backend(backend)
     crop_h, crop_w = _pair(crop_size, "crop_size")
     height, width = image.shape[-2:]
     if backend == "pil":
@@ -188,7 +141,7 @@ def clip_normalize(image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, backend: s
     ``"pil"``: rescale in float64, cast to float32, then normalise in float32. ``"torch"``:
     ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "pil":
         rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
         mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)

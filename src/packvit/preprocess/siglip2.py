@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..packing import PackedBatch, patchify
-from .common import HALF_MEAN, HALF_STD
+from .common import HALF_MEAN, HALF_STD, check_backend, to_rgb_uint8
 
 __all__ = [
-    "SIGLIP2_BACKENDS",
     "SIGLIP2_PATCH_SIZE",
     "SIGLIP2_MAX_NUM_PATCHES",
     "target_size_for_max_num_patches",
@@ -51,14 +50,9 @@ __all__ = [
     "siglip2_preprocess",
 ]
 
-SIGLIP2_BACKENDS = ("torch", "pil")
 SIGLIP2_PATCH_SIZE = 16
 SIGLIP2_MAX_NUM_PATCHES = 256
 
-
-def _check_backend(backend: str) -> None:
-    if backend not in SIGLIP2_BACKENDS:
-        raise ValueError(f"SigLIP2 processor backend must be one of {SIGLIP2_BACKENDS}, got {backend!r}")
 
 
 def target_size_for_max_num_patches(
@@ -87,53 +81,10 @@ def target_size_for_max_num_patches(
     return scaled(height, low), scaled(width, low)
 
 
-def to_rgb_uint8(image, backend: str = "torch") -> torch.Tensor:
-    """Any supported image → uint8 ``[3, H, W]``, converted to RGB as the backend's processor does
-    with ``do_convert_rgb=True``.
-
-    PIL images with transparency are composited onto white with Pillow (both backends); four-channel
-    arrays with rounding (``"pil"``) or in float32 with torchvision's truncating ``to_dtype``
-    (``"torch"``); one channel is repeated three times.
-    """
-    _check_backend(backend)
-    if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image.convert("RGBA"))
-        # [H, W, 3] → [3, H, W]
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"tensor images must be uint8 [C, H, W], got shape {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(
-            f"array and tensor images must be uint8, got {array.dtype}; convert with "
-            f"(x * 255).round().astype(np.uint8) or pass a PIL image"
-        )
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"array images must be [H, W] or [H, W, C] with 1, 3 or 4 channels, got {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[2] == 4 and backend == "pil":
-        alpha = array[..., 3:4] / 255
-        array = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    elif array.shape[2] == 4:
-        rgba = torch.from_numpy(np.ascontiguousarray(array)).float().mul_(1.0 / 255)
-        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
-        # [H, W, 3] → [3, H, W]
-        return rgb.mul(255 + 1.0 - 1e-3).to(torch.uint8).permute(2, 0, 1).contiguous()
-    # [H, W, 3] → [3, H, W]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
-
-
 def siglip2_resize(image: torch.Tensor, size: tuple[int, int], backend: str = "torch") -> torch.Tensor:
     """Bilinear resize of uint8 ``[3, H, W]`` to uint8 ``[3, size[0], size[1]]``, as the backend's
     processor does it."""
-    _check_backend(backend)
+    check_backend(backend)
     height, width = image.shape[-2:]
     if backend == "pil":
         pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
@@ -159,7 +110,7 @@ def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEA
     ``"pil"``: rescale in float64, cast to float32, normalise in float32. ``"torch"``:
     ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "pil":
         rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
         mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
@@ -176,7 +127,7 @@ def siglip2_images(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATC
 
     ``device`` (``"torch"`` backend only) is where the resize and normalisation run.
     """
-    _check_backend(backend)
+    check_backend(backend)
     if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
         images = [images]
     items = []
