@@ -198,7 +198,7 @@ def test_rope_tables_equal_the_reference(grid):
     expected = hf_dinov3.get_patches_center_coordinates(*grid, dtype=torch.float32, device=torch.device("cpu"))
     assert torch.equal(coordinates, expected)
     rope = hf_dinov3.DINOv3ViTRopePositionEmbedding(config).eval()
-    rope.inv_freq = dinov3_inv_freq(head_dim, config.rope_theta)
+    assert torch.equal(rope.inv_freq, dinov3_inv_freq(head_dim, config.rope_theta))
     ref_cos, ref_sin = rope(torch.zeros(1, 3, grid[0] * 16, grid[1] * 16))
     cos, sin = dinov3_rope_cos_sin(coordinates, rope.inv_freq, torch.float32)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)

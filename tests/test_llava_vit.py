@@ -20,13 +20,12 @@ from packvit.models.llava_vit import (
     LlavaViTPackingModel,
     _apply_standard_rope,
     _standard_rope_freqs,
-    grid_positions,
     llava_vit_packing_config,
     register_timm_models,
     timeline_positions,
     timeline_slots,
 )
-from packvit.packing import patchify, token_positions
+from packvit.packing import patchify
 from packvit.reference.llava_vit import ADAPTER, TINY
 from packvit.rope import apply_onevision_rope, onevision_rope_axis_widths, onevision_rope_cos_sin
 
@@ -300,6 +299,17 @@ def test_error_patch_positions_length(models):
     patches, grid_thw = patchify(items_for([(3, 4)]), PATCH, layout="cpp")
     with pytest.raises(ValueError, match=r"patch_positions must be \[total_patches, 3\] = \[12, 3\].*got \(11, 3\)"):
         packed(patches, grid_thw, patch_positions=torch.zeros(11, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer .* indices, got torch.float32"):
+        packed(patches, grid_thw, patch_positions=torch.zeros(12, 3))
+    with pytest.raises(ValueError, match="non-negative"):
+        packed(patches, grid_thw, patch_positions=torch.full((12, 3), -1, dtype=torch.long))
+
+
+def test_error_unsupported_patch_merging():
+    for name in ("temporal_patch_size", "spatial_merge_size"):
+        with pytest.raises(ValueError, match=f"{name}=2 is not supported"):
+            LlavaViTPackingModel(LlavaViTPackingConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                       num_attention_heads=2, **{name: 2}))
 
 
 @pytest.mark.parametrize("hidden, heads", [(96, 2), (80, 1), (64, 4)])
@@ -321,8 +331,6 @@ def test_timeline_slots():
     assert timeline_slots([0], 1).tolist() == [0]
     with pytest.raises(ValueError, match=r"frame indices must lie in \[0, 9\]"):
         timeline_slots([3, 10], 10)
-    grid = torch.tensor([[1, 3, 5], [4, 2, 3], [1, 1, 1], [2, 7, 2]])
-    assert torch.equal(grid_positions(grid), token_positions(grid))
     positions = timeline_positions([5, 40], 2, 3)
     assert positions.shape == (12, 3)
     assert positions[:6, 0].tolist() == [5] * 6 and positions[6:, 0].tolist() == [40] * 6

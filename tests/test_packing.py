@@ -36,6 +36,15 @@ def test_token_positions_follow_t_row_column_order():
     assert positions[12].tolist() == [0, 0, 0]
 
 
+def test_token_positions_equal_an_item_by_item_construction():
+    grid = torch.tensor([[1, 3, 5], [4, 2, 3], [1, 1, 1], [2, 7, 2]])
+    expected = torch.cat([
+        torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 3)
+        for t, h, w in grid.tolist()
+    ])
+    assert torch.equal(token_positions(grid), expected)
+
+
 def test_split_items_round_trip():
     x = torch.randn(10, 4)
     parts = split_items(x, [3, 1, 6])
@@ -138,6 +147,10 @@ def test_patch_validation_errors():
         validate_patches(torch.randn(4, 588), grid, 768)
     with pytest.raises(ValueError, match="2-D tensor"):
         validate_patches(torch.randn(4, 16, 48), grid, 768)
+    with pytest.raises(ValueError, match="not normalised pixels"):
+        validate_patches(torch.zeros(4, 768, dtype=torch.uint8), grid, 768)
+    with pytest.raises(ValueError, match="patches are on meta but the model is on cpu"):
+        validate_patches(torch.empty(4, 768, device="meta"), grid, 768, torch.device("cpu"))
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         patchify(torch.randn(1, 3, 30, 32), 16)
 
@@ -151,3 +164,6 @@ def test_packed_batch_validates_and_splits():
     assert joined.grid_thw.tolist() == [[1, 1, 2], [1, 3, 1]] * 2
     with pytest.raises(ValueError, match="grid_thw describes"):
         PackedBatch(patches[:4], grid)
+    with_positions = PackedBatch(patches, grid, {"patch_positions": torch.zeros(5, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="different extras"):
+        PackedBatch.concat([batch, with_positions])

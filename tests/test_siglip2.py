@@ -271,3 +271,16 @@ def test_adapter_sizes():
     assert all(h * w <= 4096 for h, w in ADAPTER.default_grids)
     with pytest.raises(ValueError, match="unknown size"):
         ADAPTER.reference_config("huge")
+
+
+def test_position_cache_is_bounded(checkpoint, monkeypatch):
+    import packvit.models.siglip2 as siglip2_module
+
+    monkeypatch.setattr(siglip2_module, "POSITION_CACHE_SIZE", 2)
+    packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for grid in ((2, 3), (4, 1), (2, 3), (5, 5)):
+            patches, grid_thw = patchify([torch.randn(3, grid[0] * 16, grid[1] * 16, generator=generator)], 16)
+            packed(patches, grid_thw)
+    assert list(packed.embeddings._position_cache) == [(2, 3), (5, 5)]  # (4, 1) was least recently used

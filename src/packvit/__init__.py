@@ -35,7 +35,7 @@ __all__ = [
     "LlavaViTModel",
 ]
 
-# Models load lazily, so `import packvit` stays light and each family imports only what it needs.
+# Models load lazily: each family imports only what it needs, when first used.
 _LAZY = {
     "Siglip2NaflexPacking": "packvit.models.siglip2",
     "DINOv3ViTPacking": "packvit.models.dinov3",

@@ -25,6 +25,7 @@ __all__ = [
     "validate_patches",
     "item_token_counts",
     "token_positions",
+    "to_device",
     "split_items",
     "prefix_token_index",
     "patchify",
@@ -71,8 +72,11 @@ def item_token_counts(grid_thw: torch.Tensor) -> list[int]:
     return grid_thw.prod(dim=1).tolist()
 
 
-def validate_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch_dim: int | None = None) -> None:
-    """Checks that ``patches [total_patches, patch_dim]`` matches a validated ``grid_thw``."""
+def validate_patches(
+    patches: torch.Tensor, grid_thw: torch.Tensor, patch_dim: int | None = None, device: torch.device | None = None
+) -> None:
+    """Checks that ``patches [total_patches, patch_dim]`` matches a validated ``grid_thw`` and, if
+    ``device`` is given, lives there."""
     if not isinstance(patches, torch.Tensor) or patches.dim() != 2:
         shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
         raise ValueError(
@@ -91,6 +95,16 @@ def validate_patches(patches: torch.Tensor, grid_thw: torch.Tensor, patch_dim: i
             f"patches have patch_dim {patches.shape[1]} but the model expects {patch_dim} "
             f"(channels * patch_size * patch_size); patchify with the model's patch size."
         )
+    if not patches.is_floating_point():
+        raise ValueError(
+            f"patches are {patches.dtype}, not normalised pixels; run the model's processor "
+            f"(packvit.preprocess) or rescale and normalise them to floating point first."
+        )
+    if device is not None and patches.device != torch.device(device):
+        raise ValueError(
+            f"patches are on {patches.device} but the model is on {device}; move them with "
+            f"patches.to(model.device) (grid_thw stays on the CPU)."
+        )
 
 
 @dataclass
@@ -105,7 +119,6 @@ class SegmentLayout:
     cu_seqlens_host: torch.Tensor
     max_seqlen: int
     total: int
-    _device_copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int]) -> "SegmentLayout":
@@ -126,24 +139,27 @@ class SegmentLayout:
         return len(self.lengths)
 
     def cu_seqlens(self, device: torch.device | str) -> torch.Tensor:
-        """``cu_seqlens`` on ``device``: one non-blocking copy, cached per device."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.cu_seqlens_host
-        key = str(device)
-        if key not in self._device_copies:
-            source = self.cu_seqlens_host.pin_memory() if torch.cuda.is_available() else self.cu_seqlens_host
-            self._device_copies[key] = source.to(device, non_blocking=True)
-        return self._device_copies[key]
+        """``cu_seqlens`` on ``device``, by one non-blocking copy."""
+        return to_device(self.cu_seqlens_host, torch.device(device))
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: itself on the CPU, else one non-blocking copy (pinned for CUDA)."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def token_positions(grid_thw: torch.Tensor) -> torch.Tensor:
-    """Integer (t, row, column) of every patch token, ``[total_patches, 3]`` int64 on the host."""
-    pieces = []
-    for t, h, w in grid_thw.tolist():
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-        pieces.append(torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3))
-    return torch.cat(pieces)
+    """Integer (t, row, column) of every patch token, ``[total_patches, 3]`` int64 on the host,
+    computed without a loop over items."""
+    t, h, w = grid_thw.to(torch.int64).unbind(1)
+    counts = t * h * w
+    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # within item
+    frame_size, width = torch.repeat_interleave(h * w, counts), torch.repeat_interleave(w, counts)
+    return torch.stack([index // frame_size, (index % frame_size) // width, index % width], dim=-1)
 
 
 def split_items(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -279,7 +295,11 @@ class PackedBatch:
     @classmethod
     def concat(cls, batches: Sequence["PackedBatch"]) -> "PackedBatch":
         """Joins packed batches into one, item order kept."""
-        extras = {}
-        for key in batches[0].extras:
-            extras[key] = torch.cat([b.extras[key] for b in batches])
+        keys = set(batches[0].extras)
+        if any(set(b.extras) != keys for b in batches):
+            raise ValueError(
+                f"cannot join packed batches with different extras {[sorted(b.extras) for b in batches]}; "
+                f"give every batch the same keys (e.g. patch_positions for all, or for none)"
+            )
+        extras = {key: torch.cat([b.extras[key] for b in batches]) for key in keys}
         return cls(torch.cat([b.patches for b in batches]), torch.cat([b.grid_thw for b in batches]), extras)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import FusedQKVSelfAttention, GatedMlp, RMSNorm, VarlenContext, fuse_linear, run_layer
-from ..packing import item_token_counts, validate_grid_thw, validate_patches
+from ..packing import item_token_counts, to_device, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
 __all__ = [
@@ -124,7 +124,7 @@ def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int, 
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=compute_dtype, device=device) / quarter)  # [D/4]
     angles = torch.arange(side, dtype=compute_dtype, device=device).outer(omega)  # [side, D/4]
     table = torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype)  # [side, D/2]
-    halves = table[_to_device(torch.stack([cols, rows]), device)]  # [2, n, D/2]: column part, row part
+    halves = table[to_device(torch.stack([cols, rows]), device)]  # [2, n, D/2]: column part, row part
     return torch.cat([halves[0], halves[1]], dim=1)  # [n, D]
 
 
@@ -181,21 +181,12 @@ class AIMv2Embeddings(nn.Module):
         starts = torch.tensor([offsets[(h, w)] for _, h, w in grid_thw.tolist()])
         index = torch.repeat_interleave(starts, counts) + rows * torch.repeat_interleave(grid_thw[:, 2], counts) + cols
         bank = banks[0] if len(banks) == 1 else torch.cat(banks)  # [sum of distinct h*w, D]
-        return bank[_to_device(index, bank.device)]
+        return bank[to_device(index, bank.device)]
 
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor, interpolate: bool) -> torch.Tensor:
         """``patches [S, p*p*C]`` → ``[S, D]``."""
         x = self.rms_norm(self.patch_embed(patches))
         return x + self.position_embeddings(grid_thw, x.dtype, interpolate)
-
-
-def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host index tensor on ``device``: one non-blocking copy, from pinned memory under CUDA."""
-    if device.type == "cpu":
-        return index
-    if device.type == "cuda":
-        index = index.pin_memory()
-    return index.to(device, non_blocking=True)
 
 
 def _resize_table(weight: torch.Tensor, side: int, height: int, width: int) -> torch.Tensor:
@@ -335,7 +326,7 @@ class AIMv2Packing(PackedVisionModel):
         grid_thw = validate_grid_thw(grid_thw)
         if (grid_thw[:, 0] != 1).any():
             raise ValueError(f"AIMv2 encodes images: every grid_thw row needs t = 1, got {grid_thw[grid_thw[:, 0] != 1][0].tolist()}")
-        validate_patches(hidden_states, grid_thw, self.config.patch_dim)
+        validate_patches(hidden_states, grid_thw, self.config.patch_dim, self.device)
         lengths = item_token_counts(grid_thw)
         context = VarlenContext.from_lengths(lengths, hidden_states.device, backend=self.attention_backend)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..layers import FusedQKVSelfAttention, GatedMlp, Mlp, VarlenContext, fuse_linear, run_layer
-from ..packing import item_token_counts, prefix_token_index, validate_grid_thw, validate_patches
+from ..packing import item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
 from ..rope import apply_dinov3_rope, dinov3_inv_freq, dinov3_patch_coordinates, dinov3_rope_cos_sin
 from .base import PackedVisionModel, PackedVisionOutput
 
@@ -167,16 +167,8 @@ class DINOv3SequenceLayout:
         The three index maps travel in one non-blocking copy, the coordinates in another.
         """
         index_maps = [self.source_index, self.patch_rows, self.prefix_rows.flatten()]
-        on_device = _to_device(torch.cat(index_maps), device).split([m.numel() for m in index_maps])
-        return (*on_device, _to_device(self.patch_coordinates, device))
-
-
-def _to_device(host_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One non-blocking host-to-device copy (from pinned memory on CUDA)."""
-    if device.type == "cpu":
-        return host_tensor
-    source = host_tensor.pin_memory() if device.type == "cuda" else host_tensor
-    return source.to(device, non_blocking=True)
+        on_device = to_device(torch.cat(index_maps), device).split([m.numel() for m in index_maps])
+        return (*on_device, to_device(self.patch_coordinates, device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +265,11 @@ class DINOv3ViTPacking(PackedVisionModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus register tokens at the start of every image's segment."""
+        return self.config.num_prefix_tokens
+
+    @property
     def patch_size(self) -> int:
         return self.config.patch_size
 
@@ -284,7 +281,7 @@ class DINOv3ViTPacking(PackedVisionModel):
                 f"DINOv3 takes images: every grid_thw row needs t = 1, got t values "
                 f"{sorted(set(grid_thw[:, 0].tolist()))}; pass each video frame as its own item (1, h, w)."
             )
-        validate_patches(patches, grid_thw, self.config.patch_dim)
+        validate_patches(patches, grid_thw, self.config.patch_dim, self.device)
         return grid_thw, DINOv3SequenceLayout.from_grid(grid_thw, self.config.num_prefix_tokens)
 
     def forward(self, hidden_states: torch.Tensor, grid_thw, *, return_dict: bool = False,

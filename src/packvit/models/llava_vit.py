@@ -41,7 +41,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..layers import (
     ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, RMSNorm, VarlenContext, fuse_linear, run_layer,
 )
-from ..packing import item_token_counts, validate_grid_thw, validate_patches
+from ..packing import item_token_counts, to_device, token_positions, validate_grid_thw, validate_patches
 from ..rope import apply_onevision_rope, onevision_rope_axis_widths, onevision_rope_cos_sin
 from .base import read_config_dict, read_state_dict, resolve_checkpoint
 
@@ -52,7 +52,6 @@ __all__ = [
     "llava_vit_packing_config",
     "timeline_slots",
     "timeline_positions",
-    "grid_positions",
     "LlavaViTPackingModel",
     "LlavaViTModel",
     "checkpoint_layout",
@@ -173,6 +172,12 @@ def _check_config(config: LlavaViTConfig) -> int:
         raise ValueError(f"layer_norm_type must be one of {NORM_TYPES}, got {config.layer_norm_type!r}")
     if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; packvit knows {sorted(ACTIVATIONS)}")
+    for name in ("temporal_patch_size", "spatial_merge_size"):
+        if getattr(config, name, 1) != 1:
+            raise ValueError(
+                f"{name}={getattr(config, name)} is not supported: the OneVision Encoder embeds one frame per "
+                f"patch and merges no patches; set it to 1"
+            )
     head_dim = config.hidden_size // config.num_attention_heads
     onevision_rope_axis_widths(head_dim)
     return head_dim
@@ -213,17 +218,6 @@ def timeline_positions(slots: Sequence[int] | torch.Tensor, height: int, width: 
     # [T, 1, 1] and [1, h*w, 2] → [T, h*w, 3] → [T*h*w, 3]
     t = slots[:, None, None].expand(-1, height * width, 1)
     return torch.cat([t, frame[None].expand(slots.numel(), -1, -1)], dim=-1).reshape(-1, 3)
-
-
-def grid_positions(grid_thw: torch.Tensor) -> torch.Tensor:
-    """(t, row, column) of every token of a pack, ``[sum t*h*w, 3]`` int64, computed on the host
-    without a loop over items (frame i of an item at t = i)."""
-    t, h, w = grid_thw.to(torch.int64).unbind(1)
-    counts = t * h * w
-    starts = counts.cumsum(0) - counts
-    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)  # index within its item
-    frame_size, width = torch.repeat_interleave(h * w, counts), torch.repeat_interleave(w, counts)
-    return torch.stack([index // frame_size, (index % frame_size) // width, index % width], dim=-1)
 
 
 def _norm(config: LlavaViTConfig) -> nn.Module:
@@ -315,16 +309,20 @@ class LlavaViTPackingModel(PreTrainedModel):
     def _positions(self, grid_thw: torch.Tensor, patch_positions, total: int, device: torch.device) -> torch.Tensor:
         """(t, row, column) of every token ``[S, 3]`` on ``device``: from the grid, or as given."""
         if patch_positions is None:
-            positions = grid_positions(grid_thw)  # host int64 [S, 3]
-            if device.type == "cuda":
-                positions = positions.pin_memory()
-            return positions.to(device, non_blocking=True)
+            return to_device(token_positions(grid_thw), device)  # host int64 [S, 3] → device
         if not isinstance(patch_positions, torch.Tensor) or tuple(patch_positions.shape) != (total, 3):
             shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions).__name__
             raise ValueError(
                 f"patch_positions must be [total_patches, 3] = [{total}, 3] (t, row, column per patch, in "
                 f"packed order), got {shape}; build video positions with packvit.models.llava_vit.timeline_positions."
             )
+        if patch_positions.is_floating_point() or patch_positions.dtype == torch.bool:
+            raise ValueError(
+                f"patch_positions must hold integer (t, row, column) indices, got {patch_positions.dtype}; "
+                f"pass a torch.long tensor"
+            )
+        if patch_positions.device.type == "cpu" and (patch_positions < 0).any():
+            raise ValueError("patch_positions must be non-negative (t in the 64-slot timeline, row and column in patches)")
         return patch_positions.to(device, non_blocking=True)
 
     def forward(
@@ -338,7 +336,7 @@ class LlavaViTPackingModel(PreTrainedModel):
         """``hidden_states [S, C*p*p]`` (patches, (C, p, p) layout), ``grid_thw [N, 3]`` (host), and
         optionally ``patch_positions [S, 3]`` replacing the (t, row, column) of every patch."""
         grid_thw = validate_grid_thw(grid_thw)
-        validate_patches(hidden_states, grid_thw, self.patch_dim)
+        validate_patches(hidden_states, grid_thw, self.patch_dim, self.device)
         device = hidden_states.device
         context = VarlenContext.from_lengths(item_token_counts(grid_thw), device, backend=self.attention_backend)
         positions = self._positions(grid_thw, patch_positions, hidden_states.shape[0], device)

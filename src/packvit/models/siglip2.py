@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, VarlenContext, fuse_linear, run_layer
-from ..packing import validate_grid_thw, validate_patches
+from ..packing import to_device, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
 __all__ = [
@@ -100,15 +100,6 @@ class Siglip2NaflexConfig:
 # Embeddings
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One non-blocking host-to-device copy (pinned when the target is CUDA)."""
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
 def position_rows(grid_thw: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Where each patch reads its position embedding, computed on the host.
 
@@ -124,6 +115,11 @@ def position_rows(grid_thw: torch.Tensor) -> tuple[list[tuple[int, int]], torch.
     offset_in_item = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     rows = torch.repeat_interleave(table_starts[inverse], counts) + offset_in_item % torch.repeat_interleave(frame_sizes, counts)
     return [tuple(grid) for grid in distinct.tolist()], rows
+
+
+#: resized position tables kept across forwards (least recently used dropped first): NaFlex makes
+#: many distinct grids, and each table is h*w*D values (9 MB for so400m at 4096 patches in bf16)
+POSITION_CACHE_SIZE = 64
 
 
 class Siglip2NaflexEmbeddings(nn.Module):
@@ -169,9 +165,14 @@ class Siglip2NaflexEmbeddings(nn.Module):
             self.clear_position_cache()
             # holding the source keeps its storage alive, so a new table cannot reuse its address
             self._position_cache_key, self._position_cache_source = key, weight.detach()
-        if (height, width) not in self._position_cache:
-            self._position_cache[(height, width)] = self.resize_position_table(height, width)
-        return self._position_cache[(height, width)]
+        cache = self._position_cache
+        if (height, width) in cache:
+            cache[(height, width)] = cache.pop((height, width))  # most recently used last
+        else:
+            if len(cache) >= POSITION_CACHE_SIZE:
+                cache.pop(next(iter(cache)))  # least recently used
+            cache[(height, width)] = self.resize_position_table(height, width)
+        return cache[(height, width)]
 
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``patches [S, p*p*C]`` and a host ``grid_thw [N, 3]`` → ``[S, D]``."""
@@ -179,7 +180,7 @@ class Siglip2NaflexEmbeddings(nn.Module):
         grids, rows = position_rows(grid_thw)
         tables = [self._cached_position_table(h, w) for h, w in grids]
         table = tables[0] if len(tables) == 1 else torch.cat(tables)  # [sum of h*w over distinct grids, D]
-        positions = table.index_select(0, _to_device(rows, weight.device))  # [S, D]
+        positions = table.index_select(0, to_device(rows, weight.device))  # [S, D]
         return self.patch_embedding(patches.to(weight.dtype)) + positions
 
 
@@ -301,7 +302,7 @@ class Siglip2NaflexPacking(PackedVisionModel):
         before ``post_layernorm``.
         """
         grid_thw = validate_grid_thw(grid_thw)
-        validate_patches(hidden_states, grid_thw, self.config.patch_dim)
+        validate_patches(hidden_states, grid_thw, self.config.patch_dim, self.device)
         frame_lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])  # one segment per frame
         context = VarlenContext.from_lengths(frame_lengths.tolist(), self.device, backend=self.attention_backend)
 

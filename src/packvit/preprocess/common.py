@@ -15,7 +15,6 @@ __all__ = [
     "HALF_STD",
     "PROCESSOR_BACKENDS",
     "check_backend",
-    "to_pil_rgb",
     "to_rgb_uint8",
 ]
 
@@ -34,24 +33,6 @@ PROCESSOR_BACKENDS = ("pil", "torch")
 def check_backend(backend: str) -> None:
     if backend not in PROCESSOR_BACKENDS:
         raise ValueError(f"processor backend must be one of {PROCESSOR_BACKENDS}, got {backend!r}")
-
-
-def to_pil_rgb(image) -> Image.Image:
-    """A PIL image, an ``[H, W, C]``/``[H, W]`` uint8 array, or a ``[C, H, W]`` uint8 tensor → RGB PIL."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.dtype != torch.uint8:
-            raise ValueError(f"tensor images must be uint8 [C, H, W], got {image.dtype} {tuple(image.shape)}")
-        image = image.permute(1, 2, 0).numpy()
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"array images must be uint8 [H, W, C] or [H, W], got {array.dtype} {array.shape}; convert with (x * 255).round().astype(np.uint8)")
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L").convert("RGB")
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"array images must be [H, W, C] with 1, 3 or 4 channels, got {array.shape}")
-    return Image.fromarray(array.squeeze(2) if array.shape[2] == 1 else array).convert("RGB")
 
 
 def to_rgb_uint8(image, backend: str = "pil") -> torch.Tensor:

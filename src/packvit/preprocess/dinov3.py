@@ -16,12 +16,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..packing import PackedBatch, patchify
-from .common import IMAGENET_MEAN, IMAGENET_STD, to_pil_rgb
+from .common import IMAGENET_MEAN, IMAGENET_STD, to_rgb_uint8
 
 __all__ = [
     "DINOV3_IMAGE_SIZE",
@@ -42,9 +41,9 @@ DINOV3_MAX_NUM_PATCHES = 1024
 
 
 def image_to_uint8(image) -> torch.Tensor:
-    """A PIL image, a uint8 ``[H, W(, C)]`` array or a uint8 ``[C, H, W]`` tensor → uint8 RGB ``[3, H, W]``."""
-    array = np.asarray(to_pil_rgb(image))  # [H, W, 3]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    """A PIL image, a uint8 ``[H, W(, C)]`` array or a uint8 ``[C, H, W]`` tensor → uint8 RGB ``[3, H, W]``
+    (grey repeated, transparency composited onto white, as the other processors do)."""
+    return to_rgb_uint8(image, "pil")
 
 
 def rescale_resize_normalize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
