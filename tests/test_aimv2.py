@@ -265,3 +265,22 @@ def test_patch_rows_and_columns_match_token_positions():
     rows, cols = patch_rows_and_columns(grid)
     positions = token_positions(grid)
     assert torch.equal(rows, positions[:, 1]) and torch.equal(cols, positions[:, 2])
+
+
+def test_incomplete_checkpoint_names_the_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = ADAPTER.write_random_checkpoint(tmp_path / "full", seed=3, is_native=True, use_head=False)
+    (file,) = directory.glob("*.safetensors")
+    state = load_file(str(file))
+    missing = next(key for key in state if key.endswith("attention.k_proj.weight"))
+    del state[missing]
+    save_file(state, str(file))
+    with pytest.raises(ValueError, match=f"has no tensor .*{missing.split('.')[-3]}"):
+        AIMv2Packing(ckpt=directory, device="cpu")
+
+
+def test_dtype_string_is_checked(checkpoints):
+    with pytest.raises(ValueError, match="'auto' is not a torch dtype"):
+        AIMv2Packing(ckpt=checkpoints["native"], device="cpu", dtype="auto")
+    assert AIMv2Packing(ckpt=checkpoints["native"], device="cpu", dtype="bfloat16").dtype == torch.bfloat16

@@ -325,7 +325,10 @@ class AIMv2Packing(PackedVisionModel):
         to each image's grid instead of raising; the reference has no such option."""
         grid_thw = validate_grid_thw(grid_thw)
         if (grid_thw[:, 0] != 1).any():
-            raise ValueError(f"AIMv2 encodes images: every grid_thw row needs t = 1, got {grid_thw[grid_thw[:, 0] != 1][0].tolist()}")
+            raise ValueError(
+                f"AIMv2 encodes images: every grid_thw row needs t = 1, got {grid_thw[grid_thw[:, 0] != 1][0].tolist()}; "
+                f"pass video frames as separate images (rows (1, h, w))"
+            )
         validate_patches(hidden_states, grid_thw, self.config.patch_dim, self.device)
         lengths = item_token_counts(grid_thw)
         context = VarlenContext.from_lengths(lengths, hidden_states.device, backend=self.attention_backend)

@@ -101,8 +101,12 @@ def default_device(device=None) -> torch.device:
 
 def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
     """bf16 on CUDA, float32 elsewhere, unless asked otherwise."""
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'")
+        return getattr(torch, dtype)
     if dtype is not None:
-        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return dtype
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -126,7 +130,15 @@ class PackedVisionModel(nn.Module):
         self.attention_backend: str | None = None
         #: run each encoder layer through torch.compile (fused elementwise work; see layers.run_layer)
         self.compile_layers: bool = False
-        state = None if directory is None else self.map_checkpoint(read_state_dict(directory))
+        state = None
+        if directory is not None:
+            try:
+                state = self.map_checkpoint(read_state_dict(directory))
+            except KeyError as error:
+                raise ValueError(
+                    f"checkpoint {ckpt} has no tensor {error.args[0]!r}, which {type(self).__name__} needs; "
+                    f"the checkpoint is incomplete or of another variant (check its config.json against its weights)"
+                ) from error
         if state is None:
             self.build(config)
         else:

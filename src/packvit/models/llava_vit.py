@@ -385,7 +385,13 @@ class LlavaViTPackingModel(PreTrainedModel):
         """
         directory = Path(directory)
         config = packing_config_from_published(read_config_dict(directory))
-        state = map_published_to_packing(read_state_dict(directory))
+        try:
+            state = map_published_to_packing(read_state_dict(directory))
+        except KeyError as error:
+            raise ValueError(
+                f"checkpoint {directory} has no tensor {error.args[0]!r}; it is not a complete OneVision Encoder "
+                f"checkpoint in the published layout"
+            ) from error
         with torch.device("meta"):
             model = cls(config)
         expected = set(model.state_dict())
