@@ -17,7 +17,6 @@ the normalised images ``[3, H, W]`` (sides multiples of 14) for the reference mo
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +25,7 @@ from PIL import Image
 
 from ..packing import PackedBatch, patchify
 from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, to_rgb_uint8
+from .common import fit_grid
 
 __all__ = ["AIMV2_PATCH_SIZE", "native_grid", "aimv2_pixels", "aimv2_preprocess"]
 
@@ -47,16 +47,7 @@ def native_grid(height: int, width: int, patch_size: int = AIMV2_PATCH_SIZE, max
         )
     if max_tokens is None or rows * cols <= max_tokens:
         return rows, cols
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    scale = math.sqrt(max_tokens / ((height / patch_size) * (width / patch_size)))
-    rows, cols = max(1, math.floor(height / patch_size * scale)), max(1, math.floor(width / patch_size * scale))
-    while rows * cols > max_tokens:
-        if rows >= cols:
-            rows -= 1
-        else:
-            cols -= 1
-    return rows, cols
+    return fit_grid(height / patch_size, width / patch_size, max_tokens)
 
 
 def _native_pixels(image, max_tokens: int | None, backend: str, resample, device) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import CLIP_MEAN, CLIP_STD, check_backend, to_rgb_uint8
+from .common import CLIP_MEAN, CLIP_STD, check_backend, rescale_and_normalize, to_rgb_uint8
 
 __all__ = [
     "CLIP_MEAN",
@@ -136,20 +136,8 @@ def clip_center_crop(image: torch.Tensor, crop_size, backend: str = "pil") -> to
 
 def clip_normalize(image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, backend: str = "pil",
                    rescale_factor: float = 1 / 255) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``.
-
-    ``"pil"``: rescale in float64, cast to float32, then normalise in float32. ``"torch"``:
-    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
-    """
-    check_backend(backend)
-    if backend == "pil":
-        rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
-        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-        normalized = (rescaled - mean32[:, None, None]) / std32[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray(normalized))
-    mean_scaled = torch.tensor(mean, device=image.device) * (1.0 / rescale_factor)
-    std_scaled = torch.tensor(std, device=image.device) * (1.0 / rescale_factor)
-    return (image.float() - mean_scaled[:, None, None]) / std_scaled[:, None, None]
+    """``rescale_and_normalize`` with CLIP's mean and std by default."""
+    return rescale_and_normalize(image, mean, std, backend, rescale_factor)
 
 
 def clip_resize_center_crop(image, size=224, crop_size=224, resample="bicubic", backend: str = "pil",

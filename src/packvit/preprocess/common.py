@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -15,6 +17,8 @@ __all__ = [
     "HALF_STD",
     "PROCESSOR_BACKENDS",
     "check_backend",
+    "fit_grid",
+    "rescale_and_normalize",
     "to_rgb_uint8",
 ]
 
@@ -74,3 +78,37 @@ def to_rgb_uint8(image, backend: str = "pil") -> torch.Tensor:
         rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
         return rgb.mul(256.0 - 1e-3).to(torch.uint8).permute(2, 0, 1).contiguous()
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def fit_grid(rows: float, cols: float, max_tokens: int) -> tuple[int, int]:
+    """A (rows, columns) patch grid of about the given shape with at most ``max_tokens`` patches:
+    scaled by ``sqrt(max_tokens / (rows * cols))``, floored (at least one patch per side), then
+    shrunk along its longer side until it fits."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    scale = math.sqrt(max_tokens / (rows * cols))
+    rows, cols = max(1, math.floor(rows * scale)), max(1, math.floor(cols * scale))
+    while rows * cols > max_tokens:
+        if rows >= cols:
+            rows -= 1
+        else:
+            cols -= 1
+    return rows, cols
+
+
+def rescale_and_normalize(image: torch.Tensor, mean, std, backend: str, rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``, rounded
+    as transformers' processors round it.
+
+    ``"pil"``: rescale in float64, cast to float32, then normalise in float32. ``"torch"``:
+    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
+    """
+    check_backend(backend)
+    if backend == "pil":
+        rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
+        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        normalized = (rescaled - mean32[:, None, None]) / std32[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray(normalized))
+    mean_scaled = torch.tensor(mean, device=image.device) * (1.0 / rescale_factor)
+    std_scaled = torch.tensor(std, device=image.device) * (1.0 / rescale_factor)
+    return (image.float() - mean_scaled[:, None, None]) / std_scaled[:, None, None]

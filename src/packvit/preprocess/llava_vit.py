@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from PIL import Image
 from ..models.llava_vit import timeline_positions, timeline_slots
 from ..packing import PackedBatch, patchify
 from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, to_rgb_uint8
+from .common import fit_grid
 
 __all__ = [
     "LLAVA_VIT_PATCH_SIZE",
@@ -71,16 +71,7 @@ def native_grid(height: int, width: int, patch_size: int = LLAVA_VIT_PATCH_SIZE,
     rows, cols = max(1, round(height / patch_size)), max(1, round(width / patch_size))
     if max_tokens is None or rows * cols <= max_tokens:
         return rows, cols
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    scale = math.sqrt(max_tokens / (rows * cols))
-    rows, cols = max(1, math.floor(rows * scale)), max(1, math.floor(cols * scale))
-    while rows * cols > max_tokens:
-        if rows >= cols:
-            rows -= 1
-        else:
-            cols -= 1
-    return rows, cols
+    return fit_grid(rows, cols, max_tokens)
 
 
 def preprocess_native(images: Sequence, max_tokens: int | None = 1024, backend: str = "pil", resample="bicubic",

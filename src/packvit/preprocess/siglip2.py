@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..packing import PackedBatch, patchify
-from .common import HALF_MEAN, HALF_STD, check_backend, to_rgb_uint8
+from .common import HALF_MEAN, HALF_STD, check_backend, rescale_and_normalize, to_rgb_uint8
 
 __all__ = [
     "SIGLIP2_PATCH_SIZE",
@@ -105,20 +105,8 @@ def siglip2_resize(image: torch.Tensor, size: tuple[int, int], backend: str = "t
 
 def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEAN, std=HALF_STD,
                       rescale_factor: float = 1 / 255) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``.
-
-    ``"pil"``: rescale in float64, cast to float32, normalise in float32. ``"torch"``:
-    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
-    """
-    check_backend(backend)
-    if backend == "pil":
-        rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
-        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-        normalized = (rescaled - mean32[:, None, None]) / std32[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray(normalized))
-    mean_scaled = torch.tensor(mean, device=image.device) * (1.0 / rescale_factor)
-    std_scaled = torch.tensor(std, device=image.device) * (1.0 / rescale_factor)
-    return (image.float() - mean_scaled[:, None, None]) / std_scaled[:, None, None]
+    """``rescale_and_normalize`` with SigLIP2's mean and std (0.5) by default."""
+    return rescale_and_normalize(image, mean, std, backend, rescale_factor)
 
 
 def siglip2_images(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
