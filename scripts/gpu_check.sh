@@ -25,7 +25,7 @@ if [ "$stage" = all ] || [ "$stage" = tests ]; then
 fi
 
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  $python -m packvit bench --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "$@" 2>&1 | tee "$out/bench.log" | tail -n 30
+  $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "$@" 2>&1 | tee "$out/bench.log" | tail -n 30
   status+=("bench: $(tail -n 1 "$out/bench.log")")
 fi
 

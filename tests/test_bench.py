@@ -5,7 +5,7 @@ import math
 import pytest
 
 from packvit import cli
-from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, workload_grids
+from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, kernel_category, workload_grids
 
 
 def test_workloads_follow_benchmarks_md():
@@ -56,3 +56,27 @@ def test_bench_smoke_writes_json_table_and_chart(tmp_path):
         assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (out / "bench.png").exists()
+
+
+@pytest.mark.parametrize("name, category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+    ("triton_red_fused_add_native_layer_norm_0", "fused (compiled)"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "copy / index"),
+    ("Memcpy HtoD (Pinned -> Device)", "copy / index"),
+])
+def test_kernel_categories(name, category):
+    assert kernel_category(name) == category
+
+
+def test_bench_profile_reports_kernel_time(tmp_path):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--smoke", "--models", "aimv2", "--workloads", "mixed", "--repeats", "1", "--no-compile",
+                     "--profile", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "bench.json").read_text())["results"]
+    assert row["profile_ms"]["matmul"] > 0 and sum(row["profile_ms"].values()) > row["profile_ms"]["matmul"]
+    assert "| aimv2 | mixed |" in (out / "bench.md").read_text().split("Kernel time")[1]

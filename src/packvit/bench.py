@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .layers import FusedQKVSelfAttention, GatedMlp, Mlp
 from .reference import FAMILIES, FamilyAdapter, get_adapter
 
-__all__ = ["WORKLOADS", "workload_grids", "forward_flops", "BenchResult", "add_arguments", "run"]
+__all__ = ["WORKLOADS", "workload_grids", "forward_flops", "kernel_category", "BenchResult", "add_arguments", "run"]
 
 WORKLOADS = ("uniform", "mixed", "mixed-4k", "video")
 UNIFORM_GRIDS = {"siglip2": (16, 16), "dinov3": (14, 14), "aimv2": (16, 16), "llava_vit": (32, 32)}
@@ -88,6 +88,51 @@ def forward_flops(shape: dict, segment_lengths: list[int], patch_dim: int, num_p
     return layers * per_layer + 2 * patch_dim * d * num_patches
 
 
+#: kernel-name fragments → the part of the forward a kernel belongs to (first match wins)
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "gemv", "xmma", "nvjet", "cutlass", "cublas", "matmul", "addmm", "aten::mm", "aten::bmm", "linear")),
+    ("fused (compiled)", ("triton",)),
+    ("norm", ("norm", "rsqrt")),
+    ("copy / index", ("copy", "index", "cat", "gather", "scatter", "memcpy", "memset", "fill", "clone", "contiguous")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "gelu", "silu", "mul", "add", "sub", "div",
+                     "pow", "mean", "cos", "sin", "neg", "exp", "to_copy")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The part of the forward a kernel (or CPU op) named ``name`` belongs to."""
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def profile_breakdown(fn, device) -> dict[str, float]:
+    """Milliseconds of kernel time (CPU op self time on the CPU) per category for one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    fn()  # warm-up outside the profile
+    _synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        _synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            microseconds = getattr(event, "self_device_time_total", None)
+            if microseconds is None:
+                microseconds = event.self_cuda_time_total
+        else:
+            microseconds = event.self_cpu_time_total
+        if microseconds:
+            category = kernel_category(event.key)
+            totals[category] = totals.get(category, 0.0) + microseconds / 1000
+    return totals
+
+
 @dataclass
 class BenchResult:
     model: str
@@ -109,6 +154,9 @@ class BenchResult:
     compiled_items_per_s: float | None = None
     compiled_speedup: float | None = None
     compiled_mfu: float | None = None
+    #: kernel milliseconds per category for one packvit pass (``--profile``), and the matmul rate
+    profile_ms: dict | None = None
+    profile_matmul_tflops: float | None = None
 
 
 def _synchronize(device):
@@ -212,6 +260,15 @@ def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, dev
             packvit_activation_peak_mib=packed_peak[1], baseline_activation_peak_mib=baseline_peak[1],
             memory_items=len(memory_items),
         )
+        if args.profile:
+            with torch.inference_mode():
+                packed.compile_layers = bool(args.compile)
+                result.profile_ms = profile_breakdown(run_packed, device)
+                packed.compile_layers = False
+            matmul_ms = result.profile_ms.get("matmul", 0.0)
+            attention_flops = shape["layers"] * 4 * shape["hidden"] * sum(n * n for n in segments)
+            if matmul_ms:
+                result.profile_matmul_tflops = (flops - attention_flops) / (matmul_ms / 1000) / 1e12
         if compiled_s is not None:
             result.compiled_items_per_s = len(items) / compiled_s
             result.compiled_speedup = baseline_s / compiled_s
@@ -246,6 +303,23 @@ def markdown_table(results: list[BenchResult], environment: dict) -> str:
             f"{r.baseline_items_per_s:.1f} | {r.speedup:.2f}x | {r.packvit_mfu:.1%} | {r.baseline_mfu:.1%} | "
             f"{r.packvit_peak_mib:.0f} / {r.baseline_peak_mib:.0f} | {r.packvit_activation_peak_mib:.0f} / {r.baseline_activation_peak_mib:.0f} |" + extra
         )
+    profiled = [r for r in results if r.profile_ms]
+    if profiled:
+        categories = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
+        lines += [
+            "",
+            f"Kernel time of one packvit pass{' (compiled layers)' if environment.get('compiled_profile') else ''}, "
+            f"ms and share; matmul rate = projection, MLP and patch-embedding FLOPs over matmul kernel time "
+            f"(ceiling: the GEMM rate above)",
+            "",
+            "| model | workload | total ms | " + " | ".join(categories) + " | matmul TFLOP/s |",
+            "|---|---|---|" + "---|" * (len(categories) + 1),
+        ]
+        for r in profiled:
+            total = sum(r.profile_ms.values())
+            cells = [f"{r.profile_ms.get(c, 0.0):.1f} ({r.profile_ms.get(c, 0.0) / total:.0%})" for c in categories]
+            rate = f"{r.profile_matmul_tflops:.0f}" if r.profile_matmul_tflops else "-"
+            lines.append(f"| {r.model} | {r.workload} | {total:.1f} | " + " | ".join(cells) + f" | {rate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,6 +370,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time packvit with compiled encoder layers (model.compile_layers = True)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one packvit pass per workload: kernel time per category and the matmul rate")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few items: a check that runs on the CPU")
 
 
@@ -334,6 +410,7 @@ def run(args) -> int:
         "smoke": args.smoke,
         "token_budget": args.token_budget,
         "repeats": args.repeats,
+        "compiled_profile": bool(args.profile and args.compile),
     }
     (out / "bench.json").write_text(json.dumps({"environment": environment, "results": [asdict(r) for r in results]}, indent=2))
     table = markdown_table(results, environment)
