@@ -5,6 +5,8 @@
 #   3. every GPU-marked test (attention backends, full-size parity, no host sync),
 #   4. a short benchmark,
 # then a summary. Usage: bash scripts/gpu_check.sh [all|tests|bench] [extra packvit bench args...]
+# On an H200 `tests` takes about 4-6 minutes and `bench` about 8 (four full-size models): where one
+# call is limited to 10 minutes, run them as two calls; both reuse the checkpoints in $PACKVIT_CKPT_DIR.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-all}; shift || true
