@@ -91,6 +91,23 @@ class FamilyAdapter:
         """Family-specific align scenarios (videos, mixed image+video packs), as (name, items)."""
         return []
 
+    @staticmethod
+    def run_dense_groups(forward, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
+        """Items grouped by identical shape, in dense batches of at most ``batch_size``, through
+        ``forward(stacked items)`` (an output with ``last_hidden_state`` and ``pooler_output``)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(tuple(item.shape), []).append(index)
+        outputs: list[ItemOutput | None] = [None] * len(items)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                result = forward(torch.stack([items[i] for i in chunk]))
+                for row, i in enumerate(chunk):
+                    pooled = result.pooler_output[row] if result.pooler_output is not None else None
+                    outputs[i] = ItemOutput(result.last_hidden_state[row], pooled)
+        return outputs
+
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """The reference on ``items``, batched the best way its API allows."""
         raise NotImplementedError

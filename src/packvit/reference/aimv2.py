@@ -92,19 +92,7 @@ class AIMv2Adapter(FamilyAdapter):
 
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """Items grouped by size into dense batches of at most ``batch_size``."""
-        items = [_as_image(item) for item in items]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(tuple(item.shape), []).append(index)
-        outputs: list[ItemOutput | None] = [None] * len(items)
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                result = model(torch.stack([items[i] for i in chunk]))
-                for row, i in enumerate(chunk):
-                    pooled = result.pooler_output[row] if result.pooler_output is not None else None
-                    outputs[i] = ItemOutput(result.last_hidden_state[row], pooled)
-        return outputs
+        return self.run_dense_groups(model, [_as_image(item) for item in items], batch_size)
 
     def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
         patches, grid_thw = self.pack(items, self.patch_size(model))

@@ -114,19 +114,8 @@ class DINOv3Adapter(FamilyAdapter):
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """Items grouped by identical size into dense batches of up to ``batch_size``."""
         parameter = next(model.parameters())
-        images = [_as_image(item) for item in items]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            groups.setdefault(tuple(image.shape), []).append(index)
-        outputs: list[ItemOutput | None] = [None] * len(items)
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                pixels = torch.stack([images[i] for i in chunk]).to(parameter.device, parameter.dtype)
-                result = model(pixel_values=pixels)
-                for row, index in enumerate(chunk):
-                    outputs[index] = ItemOutput(result.last_hidden_state[row], result.pooler_output[row])
-        return outputs
+        images = [_as_image(item).to(parameter.device, parameter.dtype) for item in items]
+        return self.run_dense_groups(lambda pixels: model(pixel_values=pixels), images, batch_size)
 
     @torch.no_grad()
     def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:

@@ -96,21 +96,11 @@ class LlavaViTAdapter(FamilyAdapter):
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """Items grouped by shape into dense batches of at most ``batch_size``; videos ``[T, C, H, W]``
         are batched as ``[B, C, T, H, W]``."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(tuple(item.shape), []).append(index)
-        outputs: list[ItemOutput | None] = [None] * len(items)
-        for shape, indices in groups.items():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                batch = torch.stack([items[i] for i in chunk])
-                if len(shape) == 4:
-                    batch = batch.transpose(1, 2)  # [B, T, C, H, W] → [B, C, T, H, W]
-                result = model(batch)
-                for row, i in enumerate(chunk):
-                    pooled = result.pooler_output[row] if result.pooler_output is not None else None
-                    outputs[i] = ItemOutput(result.last_hidden_state[row], pooled)
-        return outputs
+        def forward(batch: torch.Tensor):
+            # videos arrive as [B, T, C, H, W]; the standard model takes [B, C, T, H, W]
+            return model(batch.transpose(1, 2) if batch.dim() == 5 else batch)
+
+        return self.run_dense_groups(forward, items, batch_size)
 
     def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
         patches, grid_thw = self.pack(items, self.patch_size(model))
