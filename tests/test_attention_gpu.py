@@ -85,3 +85,21 @@ def test_auto_backend_call_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.shape == q.shape
+
+
+def test_tanh_gelu_mlp_epilogue_is_the_tanh_gelu():
+    """On CUDA the tanh-GELU Mlp runs fc1 with cuBLASLt's GELU epilogue: it must equal the unfused
+    tanh GELU, and differ measurably from the exact (erf) GELU, in float32 without TF32."""
+    from packvit.layers import Mlp
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mlp = Mlp(96, 200, "gelu_pytorch_tanh").cuda()
+    x = torch.randn(333, 96, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.no_grad():
+        fused = mlp(x)
+        strided = mlp(x.t().contiguous().t())  # a column-major input takes another cuBLAS path
+        tanh = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+        erf = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x)))
+    assert (fused - tanh).abs().max() <= 1e-5
+    assert (strided - tanh).abs().max() <= 1e-5
+    assert (fused - erf).abs().max() >= 1e-4

@@ -29,3 +29,13 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
             assert graphs_after_first_pack > 0  # the layers did go through the compiler
     assert sum(dynamo_counters["recompiles"].values()) == 0
     assert dynamo_counters["stats"]["unique_graphs"] == graphs_after_first_pack  # later packs compiled nothing new
+
+
+def test_compile_layers_setting_is_obeyed_and_auto_is_eager_on_the_cpu():
+    from packvit.layers import layers_compiled
+
+    layer, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+    assert layers_compiled(True, layer, x) is True
+    assert layers_compiled(False, layer, x) is False
+    with torch.inference_mode():
+        assert layers_compiled(None, layer, x) is False  # compiled by default on CUDA only

@@ -6,6 +6,7 @@ per-forward attention metadata built once on the host.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -19,6 +20,7 @@ from .packing import SegmentLayout
 __all__ = [
     "VarlenContext",
     "run_layer",
+    "layers_compiled",
     "FusedQKVSelfAttention",
     "Mlp",
     "GatedMlp",
@@ -44,16 +46,44 @@ def _call_layer(layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
 _compiled_call_layer = None
 
 
-def run_layer(layer: nn.Module, x: torch.Tensor, *args, compiled: bool = False) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _inductor_runs_on_cuda() -> bool:
+    """Whether torch.compile can generate CUDA kernels here (it needs Triton)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+def layers_compiled(setting: bool | None, layer: nn.Module, x: torch.Tensor) -> bool:
+    """Resolves a model's ``compile_layers`` for one forward.
+
+    ``True``/``False`` are obeyed. ``None`` (the default, "auto") compiles where it is measured to
+    pay and cannot cost a recompilation per batch: on CUDA, with autograd off, where Triton is
+    available, for layer classes that do not opt out with ``compile_by_default = False``.
+    """
+    if setting is not None:
+        return setting
+    return (
+        x.device.type == "cuda"
+        and not torch.is_grad_enabled()
+        and getattr(layer, "compile_by_default", True)
+        and _inductor_runs_on_cuda()
+    )
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, *args, compiled: bool | None = None) -> torch.Tensor:
     """``layer(x, *args)``, or the same through ``torch.compile`` with a dynamic token count.
 
-    The compiled path fuses the norms, activations, residual adds and RoPE around the matrix
-    products into a few kernels. One compilation serves every layer of every model with the same
-    layer code, and packs of any composition reuse it (the token count is symbolic and the
-    segment structure only reaches the eager attention call).
+    ``compiled`` is a model's ``compile_layers`` setting (see ``layers_compiled``). The compiled
+    path fuses the norms, activations, residual adds and RoPE around the matrix products into a
+    few kernels. One compilation serves every layer of every model with the same layer code, and
+    packs of any composition reuse it (the token count is symbolic and the segment structure only
+    reaches the eager attention call).
     """
     global _compiled_call_layer
-    if not compiled:
+    if not layers_compiled(compiled, layer, x):
         return layer(x, *args)
     if _compiled_call_layer is None:
         _compiled_call_layer = torch.compile(_call_layer, dynamic=True)
@@ -127,15 +157,23 @@ class FusedQKVSelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(act(fc1(x)))``."""
+    """``fc2(act(fc1(x)))``.
+
+    With the tanh GELU on CUDA, ``fc1`` and the activation are one cuBLASLt matrix product with a
+    GELU epilogue (``torch._addmm_activation``, whose CUDA kernels compute the tanh
+    approximation): the ``[S, hidden]`` activation is written once instead of three times.
+    """
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = activation(act)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.gelu_tanh = act in ("gelu_pytorch_tanh", "gelu_tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_tanh and x.is_cuda and x.dim() == 2 and self.fc1.bias is not None and not torch.compiler.is_compiling():
+            return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -128,8 +128,9 @@ class PackedVisionModel(nn.Module):
         self.config = config
         #: attention backend name for every varlen call of this model (None: automatic)
         self.attention_backend: str | None = None
-        #: run each encoder layer through torch.compile (fused elementwise work; see layers.run_layer)
-        self.compile_layers: bool = False
+        #: run each encoder layer through torch.compile: True, False, or None for automatic
+        #: (compiled for CUDA inference; see packvit.layers.layers_compiled)
+        self.compile_layers: bool | None = None
         state = None
         if directory is not None:
             try:

@@ -283,8 +283,9 @@ class LlavaViTPackingModel(PreTrainedModel):
         self.head_dim = _check_config(config)
         #: attention backend for every varlen call (None: automatic; see packvit.attention)
         self.attention_backend: str | None = None
-        #: run each encoder layer through torch.compile (see packvit.layers.run_layer)
-        self.compile_layers: bool = False
+        #: run each encoder layer through torch.compile: True, False, or None for automatic
+        #: (compiled for CUDA inference; see packvit.layers.layers_compiled)
+        self.compile_layers: bool | None = None
         self.patch_embed = LlavaViTPatchEmbed(config)
         self.layernorm_pre = _norm(config)
         self.encoder = LlavaViTPackingEncoder(config)
@@ -323,7 +324,7 @@ class LlavaViTPackingModel(PreTrainedModel):
             )
         if patch_positions.device.type == "cpu" and (patch_positions < 0).any():
             raise ValueError("patch_positions must be non-negative (t in the 64-slot timeline, row and column in patches)")
-        return patch_positions.to(device, non_blocking=True)
+        return to_device(patch_positions, device) if patch_positions.device.type == "cpu" else patch_positions.to(device)
 
     def forward(
         self,

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..models.dinov3 import DINOV3_RELEASES, DINOv3ViTPacking
-from ..packing import patchify, prefix_token_index
+from ..packing import patchify, prefix_token_index, to_device
 from ..preprocess.dinov3 import DINOV3_MAX_NUM_PATCHES, preprocess_fixed, preprocess_native
 from . import FamilyAdapter, ItemOutput
 
@@ -130,7 +130,7 @@ class DINOv3Adapter(FamilyAdapter):
         order[prefix_rows.flatten()] = torch.arange(prefix_rows.numel())
         order[patch_rows] = prefix_rows.numel() + torch.arange(patch_rows.numel())
         tokens = torch.cat([output.prefix_tokens.reshape(-1, hidden), output.last_hidden_state])
-        tokens = tokens.index_select(0, order.to(tokens.device))  # [S, D], reference order
+        tokens = tokens.index_select(0, to_device(order, tokens.device))  # [S, D], reference order
         per_item = torch.split(tokens, [num_prefix + n for n in patch_counts])
         return [ItemOutput(per_item[i], output.pooler_output[i]) for i in range(num_items)]
 
