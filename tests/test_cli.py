@@ -18,6 +18,7 @@ def test_info_lists_every_backend_with_a_reason(capsys):
     for name in BACKENDS:
         assert re.search(rf"^  {name}\s+(usable|no: .+)$", text, re.M), name
     assert re.search(r"^  reference\s+usable$", text, re.M)
+    assert re.search(r"^compiled layers by default.*: (yes|no \(.+\))$", text, re.M)
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -11,6 +11,7 @@ import torch
 
 from . import __version__, align
 from .attention import backend_report, select_backend
+from .layers import compiler_runs_on_cuda
 
 __all__ = ["info_lines", "main"]
 
@@ -36,9 +37,12 @@ def info_lines(head_dims=(64, 72, 128)) -> list[str]:
         major, minor = torch.cuda.get_device_capability()
         device = torch.device("cuda")
         lines.append(f"device       cuda: {torch.cuda.get_device_name()} (sm{major}{minor})")
+        compiled = "yes" if compiler_runs_on_cuda() else "no (torch.compile needs Triton, which is not importable)"
+        lines.append(f"compiled layers by default in CUDA inference (SigLIP2: eager): {compiled}")
     else:
         device = torch.device("cpu")
         lines.append("device       cpu (no CUDA device)")
+        lines.append("compiled layers by default: no (eager on the CPU; set model.compile_layers = True to compile)")
     for dtype in (torch.bfloat16, torch.float32):
         for head_dim in head_dims:
             chosen = select_backend(device, dtype, head_dim, backend="auto")

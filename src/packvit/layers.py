@@ -21,6 +21,7 @@ __all__ = [
     "VarlenContext",
     "run_layer",
     "layers_compiled",
+    "compiler_runs_on_cuda",
     "FusedQKVSelfAttention",
     "Mlp",
     "GatedMlp",
@@ -47,7 +48,7 @@ _compiled_call_layer = None
 
 
 @functools.lru_cache(maxsize=None)
-def _inductor_runs_on_cuda() -> bool:
+def compiler_runs_on_cuda() -> bool:
     """Whether torch.compile can generate CUDA kernels here (it needs Triton)."""
     try:
         from torch.utils._triton import has_triton
@@ -69,7 +70,7 @@ def layers_compiled(setting: bool | None, layer: nn.Module, x: torch.Tensor) -> 
         x.device.type == "cuda"
         and not torch.is_grad_enabled()
         and getattr(layer, "compile_by_default", True)
-        and _inductor_runs_on_cuda()
+        and compiler_runs_on_cuda()
     )
 
 
@@ -160,8 +161,10 @@ class Mlp(nn.Module):
     """``fc2(act(fc1(x)))``.
 
     With the tanh GELU on CUDA, ``fc1`` and the activation are one cuBLASLt matrix product with a
-    GELU epilogue (``torch._addmm_activation``, whose CUDA kernels compute the tanh
-    approximation): the ``[S, hidden]`` activation is written once instead of three times.
+    GELU epilogue (``torch._addmm_activation``, whose CUDA kernels compute the tanh approximation):
+    the ``[S, hidden]`` activation is written once instead of written, read and written again. On
+    the CPU that function computes the exact GELU, so the CPU keeps the unfused path; so does a
+    compiled layer, where the compiler fuses the bias and GELU itself.
     """
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
@@ -171,10 +174,16 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.gelu_tanh = act in ("gelu_pytorch_tanh", "gelu_tanh")
 
+    def _gelu_epilogue(self, x: torch.Tensor) -> bool:
+        return (self.gelu_tanh and x.is_cuda and x.dim() == 2 and self.fc1.bias is not None
+                and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gelu_tanh and x.is_cuda and x.dim() == 2 and self.fc1.bias is not None and not torch.compiler.is_compiling():
-            return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
-        return self.fc2(self.act(self.fc1(x)))
+        if self._gelu_epilogue(x):
+            hidden = torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True)
+        else:
+            hidden = self.act(self.fc1(x))
+        return self.fc2(hidden)
 
 
 class GatedMlp(nn.Module):
