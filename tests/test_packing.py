@@ -9,6 +9,7 @@ from packvit.packing import (
     patchify,
     prefix_token_index,
     split_items,
+    to_device,
     token_positions,
     unpatchify,
     validate_grid_thw,
@@ -167,3 +168,13 @@ def test_packed_batch_validates_and_splits():
     with_positions = PackedBatch(patches, grid, {"patch_positions": torch.zeros(5, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="different extras"):
         PackedBatch.concat([batch, with_positions])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.bfloat16])
+def test_to_device_copies_exactly_to_cuda(dtype):
+    host = (torch.arange(600, dtype=torch.float32) * 1.25 - 7).to(dtype).reshape(20, 30)[:, ::2]  # non-contiguous
+    on_device = to_device(host, torch.device("cuda"))
+    assert on_device.device.type == "cuda" and on_device.dtype == dtype
+    assert torch.equal(on_device.cpu(), host)

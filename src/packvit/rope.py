@@ -6,7 +6,10 @@ and shared by all layers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .packing import offsets_within_items
 
 __all__: list[str] = []
 
@@ -43,18 +46,16 @@ def dinov3_patch_coordinates(grid_hw: torch.Tensor) -> torch.Tensor:
     (y, x) = (2 (row + 0.5) / h - 1, 2 (col + 0.5) / w - 1): each axis normalised by its own
     length, row-major within each item.
     """
-    grid_hw = grid_hw.to(torch.int64)
-    counts = grid_hw[:, 0] * grid_hw[:, 1]
-    total = int(counts.sum())
-    item_starts = counts.cumsum(0) - counts
-    heights = torch.repeat_interleave(grid_hw[:, 0], counts)  # [total]
-    widths = torch.repeat_interleave(grid_hw[:, 1], counts)  # [total]
-    index_in_item = torch.arange(total) - torch.repeat_interleave(item_starts, counts)
+    heights, widths = grid_hw.to(torch.int64).numpy().T
+    counts = heights * widths
+    heights, widths = np.repeat(heights, counts), np.repeat(widths, counts)  # [total] each
+    index_in_item = offsets_within_items(counts)
     rows, cols = index_in_item // widths, index_in_item % widths
-    centre_y = (rows.to(torch.float32) + 0.5) / heights.to(torch.float32)
-    centre_x = (cols.to(torch.float32) + 0.5) / widths.to(torch.float32)
+    # float32 throughout, operation for operation as the reference computes it
+    centre_y = (rows.astype(np.float32) + np.float32(0.5)) / heights.astype(np.float32)
+    centre_x = (cols.astype(np.float32) + np.float32(0.5)) / widths.astype(np.float32)
     # [total, 2] in [0, 1] → (-1, 1)
-    return 2.0 * torch.stack([centre_y, centre_x], dim=-1) - 1.0
+    return torch.from_numpy(np.float32(2.0) * np.stack([centre_y, centre_x], axis=-1) - np.float32(1.0))
 
 
 def dinov3_rope_cos_sin(coordinates: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import FusedQKVSelfAttention, GatedMlp, RMSNorm, VarlenContext, fuse_linear, run_layer
-from ..packing import item_token_counts, to_device, validate_grid_thw, validate_patches
+from ..packing import item_token_counts, offsets_within_items, to_device, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
 __all__ = [
@@ -124,16 +125,16 @@ def sincos_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int, 
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=compute_dtype, device=device) / quarter)  # [D/4]
     angles = torch.arange(side, dtype=compute_dtype, device=device).outer(omega)  # [side, D/4]
     table = torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype)  # [side, D/2]
-    halves = table[to_device(torch.stack([cols, rows]), device)]  # [2, n, D/2]: column part, row part
+    halves = table[to_device(torch.from_numpy(np.stack([cols.numpy(), rows.numpy()])), device)]  # [2, n, D/2]: column part, row part
     return torch.cat([halves[0], halves[1]], dim=1)  # [n, D]
 
 
 def patch_rows_and_columns(grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column of every patch of a host image grid ``[N, 3]`` (t = 1): two int64 ``[S]``."""
-    counts = grid_thw.prod(dim=1)  # [N]
-    widths = torch.repeat_interleave(grid_thw[:, 2], counts)  # [S]
-    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # [S]
-    return offsets // widths, offsets % widths
+    counts = grid_thw.prod(dim=1).numpy()  # [N]
+    widths = np.repeat(grid_thw[:, 2].numpy(), counts)  # [S]
+    offsets = offsets_within_items(counts)  # [S]
+    return torch.from_numpy(offsets // widths), torch.from_numpy(offsets % widths)
 
 
 class AIMv2Embeddings(nn.Module):
@@ -177,9 +178,9 @@ class AIMv2Embeddings(nn.Module):
             banks.append(weight if (h, w) == (side, side) else _resize_table(weight, side, h, w))
             offsets[(h, w)] = offset
             offset += h * w
-        counts = grid_thw.prod(dim=1)
-        starts = torch.tensor([offsets[(h, w)] for _, h, w in grid_thw.tolist()])
-        index = torch.repeat_interleave(starts, counts) + rows * torch.repeat_interleave(grid_thw[:, 2], counts) + cols
+        counts = grid_thw.prod(dim=1).numpy()
+        starts = np.array([offsets[(h, w)] for _, h, w in grid_thw.tolist()], dtype=np.int64)
+        index = torch.from_numpy(np.repeat(starts, counts) + rows.numpy() * np.repeat(grid_thw[:, 2].numpy(), counts) + cols.numpy())
         bank = banks[0] if len(banks) == 1 else torch.cat(banks)  # [sum of distinct h*w, D]
         return bank[to_device(index, bank.device)]
 

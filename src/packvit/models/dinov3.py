@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,11 +151,11 @@ class DINOv3SequenceLayout:
         counts = item_token_counts(grid_thw)
         prefix_rows, patch_rows = prefix_token_index(counts, num_prefix_tokens)
         total_patches, num_items = patch_rows.numel(), len(counts)
-        source_index = torch.empty(total_patches + num_items * num_prefix_tokens, dtype=torch.int64)
-        source_index[prefix_rows.flatten()] = torch.arange(num_prefix_tokens).repeat(num_items)
-        source_index[patch_rows] = num_prefix_tokens + torch.arange(total_patches)
+        source_index = np.empty(total_patches + num_items * num_prefix_tokens, dtype=np.int64)
+        source_index[prefix_rows.numpy().ravel()] = np.tile(np.arange(num_prefix_tokens), num_items)
+        source_index[patch_rows.numpy()] = num_prefix_tokens + np.arange(total_patches)
         return cls(
-            source_index=source_index,
+            source_index=torch.from_numpy(source_index),
             patch_rows=patch_rows,
             prefix_rows=prefix_rows,
             patch_coordinates=dinov3_patch_coordinates(grid_thw[:, 1:]),
@@ -167,7 +168,8 @@ class DINOv3SequenceLayout:
         The three index maps travel in one non-blocking copy, the coordinates in another.
         """
         index_maps = [self.source_index, self.patch_rows, self.prefix_rows.flatten()]
-        on_device = to_device(torch.cat(index_maps), device).split([m.numel() for m in index_maps])
+        joined = torch.from_numpy(np.concatenate([m.numpy().ravel() for m in index_maps]))
+        on_device = to_device(joined, device).split([m.numel() for m in index_maps])
         return (*on_device, to_device(self.patch_coordinates, device))
 
 

@@ -26,12 +26,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ACTIVATIONS, AttentionPoolingHead, FusedQKVSelfAttention, Mlp, VarlenContext, fuse_linear, run_layer
-from ..packing import to_device, validate_grid_thw, validate_patches
+from ..packing import offsets_within_items, to_device, validate_grid_thw, validate_patches
 from .base import PackedVisionModel, PackedVisionOutput, strip_prefix
 
 __all__ = [
@@ -110,11 +111,10 @@ def position_rows(grid_thw: torch.Tensor) -> tuple[list[tuple[int, int]], torch.
     distinct, inverse = torch.unique(grid_thw[:, 1:], dim=0, return_inverse=True)  # [G, 2], [N]
     table_sizes = distinct.prod(dim=1)  # [G]
     table_starts = table_sizes.cumsum(0) - table_sizes  # [G]
-    counts = grid_thw.prod(dim=1)  # [N] patches per item
-    frame_sizes = table_sizes[inverse]  # [N]
-    offset_in_item = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    rows = torch.repeat_interleave(table_starts[inverse], counts) + offset_in_item % torch.repeat_interleave(frame_sizes, counts)
-    return [tuple(grid) for grid in distinct.tolist()], rows
+    counts = grid_thw.prod(dim=1).numpy()  # [N] patches per item
+    frame_sizes = table_sizes[inverse].numpy()  # [N]
+    rows = np.repeat(table_starts[inverse].numpy(), counts) + offsets_within_items(counts) % np.repeat(frame_sizes, counts)
+    return [tuple(grid) for grid in distinct.tolist()], torch.from_numpy(rows)
 
 
 #: resized position tables kept across forwards (least recently used dropped first): NaFlex makes

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..models.dinov3 import DINOV3_RELEASES, DINOv3ViTPacking
@@ -126,9 +127,10 @@ class DINOv3Adapter(FamilyAdapter):
         patch_counts = grid_thw.prod(dim=1).tolist()
         # rows of cat([prefix tokens (N*P rows), patch tokens]) in segment order [prefix_i, patches_i]
         prefix_rows, patch_rows = prefix_token_index(patch_counts, num_prefix)
-        order = torch.empty(prefix_rows.numel() + patch_rows.numel(), dtype=torch.int64)
-        order[prefix_rows.flatten()] = torch.arange(prefix_rows.numel())
-        order[patch_rows] = prefix_rows.numel() + torch.arange(patch_rows.numel())
+        order = np.empty(prefix_rows.numel() + patch_rows.numel(), dtype=np.int64)
+        order[prefix_rows.numpy().ravel()] = np.arange(prefix_rows.numel())
+        order[patch_rows.numpy()] = prefix_rows.numel() + np.arange(patch_rows.numel())
+        order = torch.from_numpy(order)
         tokens = torch.cat([output.prefix_tokens.reshape(-1, hidden), output.last_hidden_state])
         tokens = tokens.index_select(0, to_device(order, tokens.device))  # [S, D], reference order
         per_item = torch.split(tokens, [num_prefix + n for n in patch_counts])
