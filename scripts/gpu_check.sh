@@ -5,8 +5,10 @@
 #   3. every GPU-marked test (attention backends, full-size parity, no host sync),
 #   4. a short benchmark,
 # then a summary. Usage: bash scripts/gpu_check.sh [all|tests|bench] [extra packvit bench args...]
-# On an H200 `tests` takes about 4-6 minutes and `bench` about 8 (four full-size models): where one
-# call is limited to 10 minutes, run them as two calls; both reuse the checkpoints in $PACKVIT_CKPT_DIR.
+# On an H200 `tests` takes about 7 minutes with a fresh checkpoint directory, and `bench` about 9 for
+# the four full-size models: where one call is limited to 10 minutes, run `tests`, then
+# `bench --models siglip2 dinov3` and `bench --models aimv2 llava_vit` (3-5 minutes each) as three
+# calls; all reuse the checkpoints in $PACKVIT_CKPT_DIR.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-all}; shift || true
