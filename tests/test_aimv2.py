@@ -14,6 +14,7 @@ import packvit
 from packvit.models.aimv2 import AIMv2Config, AIMv2Packing, sincos_position_embedding
 from packvit.packing import patchify, token_positions
 from packvit.reference.aimv2 import ADAPTER, TINY
+from family_helpers import load_model_pairs, max_diffs, write_variant_checkpoints
 
 ATOL = 1e-5
 PATCH = 14
@@ -35,29 +36,16 @@ def no_grad():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aimv2")
-    return {name: ADAPTER.write_random_checkpoint(root / name, seed=i, **options)
-            for i, (name, options) in enumerate(VARIANTS.items())}
+    return write_variant_checkpoints(ADAPTER, tmp_path_factory.mktemp("aimv2"), VARIANTS)
 
 
 @pytest.fixture(scope="module")
 def models(checkpoints):
-    cpu = torch.device("cpu")
-    return {name: (ADAPTER.load_reference(path, cpu, torch.float32), ADAPTER.load_packed(path, cpu, torch.float32))
-            for name, path in checkpoints.items()}
+    return load_model_pairs(ADAPTER, checkpoints)
 
 
 def items_for(grids, seed=0):
     return ADAPTER.random_items(grids, PATCH, torch.Generator().manual_seed(seed))
-
-
-def max_diffs(reference, packed):
-    tokens = max((r.tokens - p.tokens).abs().max().item() for r, p in zip(reference, packed))
-    if reference[0].pooled is None:
-        assert all(p.pooled is None for p in packed)
-        return tokens, None
-    pooled = max((r.pooled - p.pooled).abs().max().item() for r, p in zip(reference, packed))
-    return tokens, pooled
 
 
 def grids_for(name):

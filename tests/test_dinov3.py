@@ -16,6 +16,7 @@ from packvit.rope import apply_dinov3_rope, dinov3_inv_freq, dinov3_patch_coordi
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.dinov3_vit import modeling_dinov3_vit as hf_dinov3  # noqa: E402
+from family_helpers import max_diffs
 
 TOLERANCE = 1e-5
 # 1×1 and non-square grids, two images of one size (a dense reference batch of two)
@@ -48,12 +49,6 @@ def gelu_checkpoint(tmp_path_factory):
 
 def random_items(grids, seed=0):
     return ADAPTER.random_items(grids, 16, torch.Generator().manual_seed(seed))
-
-
-def max_diffs(reference, packed):
-    tokens = max((r.tokens - p.tokens).abs().max().item() for r, p in zip(reference, packed))
-    pooled = max((r.pooled - p.pooled).abs().max().item() for r, p in zip(reference, packed))
-    return tokens, pooled
 
 
 def test_packed_matches_reference_for_every_token(checkpoint):

@@ -28,6 +28,7 @@ from packvit.models.llava_vit import (
 from packvit.packing import patchify
 from packvit.reference.llava_vit import ADAPTER, TINY
 from packvit.rope import apply_onevision_rope, onevision_rope_axis_widths, onevision_rope_cos_sin
+from family_helpers import load_model_pairs, write_variant_checkpoints
 
 ATOL = 1e-5
 PATCH = TINY["patch_size"]
@@ -48,16 +49,12 @@ def no_grad():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava_vit")
-    return {name: ADAPTER.write_random_checkpoint(root / name, seed=i, **options)
-            for i, (name, options) in enumerate(VARIANTS.items())}
+    return write_variant_checkpoints(ADAPTER, tmp_path_factory.mktemp("llava_vit"), VARIANTS)
 
 
 @pytest.fixture(scope="module")
 def models(checkpoints):
-    cpu = torch.device("cpu")
-    return {name: (ADAPTER.load_reference(path, cpu, torch.float32), ADAPTER.load_packed(path, cpu, torch.float32))
-            for name, path in checkpoints.items()}
+    return load_model_pairs(ADAPTER, checkpoints)
 
 
 def items_for(grids, seed=0):

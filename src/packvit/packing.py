@@ -148,7 +148,8 @@ class SegmentLayout:
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device``: itself on the CPU, else one non-blocking copy (pinned for CUDA).
 
-    The staging copy into pinned memory goes through numpy (see ``offsets_within_items``).
+    The staging copy into pinned memory goes through numpy (see the note above
+    ``offsets_within_items``).
     """
     if device.type == "cpu":
         return host
