@@ -165,9 +165,25 @@ def test_packed_batch_validates_and_splits():
     assert joined.grid_thw.tolist() == [[1, 1, 2], [1, 3, 1]] * 2
     with pytest.raises(ValueError, match="grid_thw describes"):
         PackedBatch(patches[:4], grid)
-    with_positions = PackedBatch(patches, grid, {"patch_positions": torch.zeros(5, 3, dtype=torch.long)})
-    with pytest.raises(ValueError, match="different extras"):
+    with_positions = PackedBatch(patches, grid, patch_positions=torch.zeros(5, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="some carry patch_positions and some do not"):
         PackedBatch.concat([batch, with_positions])
+    with pytest.raises(ValueError, match="different patch layouts"):
+        PackedBatch.concat([batch, PackedBatch(patches, grid, "cpp")])
+    with pytest.raises(ValueError, match=r"patch_positions must be \[total_patches, 3\] = \[5, 3\]"):
+        PackedBatch(patches, grid, patch_positions=torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="patch layout must be one of"):
+        PackedBatch(patches, grid, "chw")
+
+
+def test_frames_as_items_splits_clips_into_images():
+    video, image = torch.randn(3, 3, 32, 16), torch.randn(3, 16, 48)
+    batch = PackedBatch(*patchify([video, image], 16))
+    frames = batch.frames_as_items()
+    assert frames.grid_thw.tolist() == [[1, 2, 1]] * 3 + [[1, 1, 3]]
+    assert frames.patches is batch.patches
+    per_frame = PackedBatch(*patchify([*video.unbind(0), image], 16))
+    assert torch.equal(per_frame.patches, frames.patches) and torch.equal(per_frame.grid_thw, frames.grid_thw)
 
 
 @pytest.mark.gpu

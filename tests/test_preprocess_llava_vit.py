@@ -96,10 +96,10 @@ def test_pack_items_layout_and_positions():
     # (C, p, p) layout: the first patch is the top-left 14 x 14 block, channel-major
     assert torch.equal(batch.patches[0], image[:, :14, :14].reshape(-1))
     assert torch.equal(unpatchify(batch.patches, batch.grid_thw, 14, layout="cpp")[1], video)
-    positions = batch.extras["patch_positions"]
+    positions = batch.patch_positions
     assert positions[:6].tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]]
     assert positions[6:10].tolist() == [[7, 0, 0], [7, 0, 1], [50, 0, 0], [50, 0, 1]]
-    default = pack_items([video]).extras["patch_positions"]
+    default = pack_items([video]).patch_positions
     assert default[:, 0].tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="an item of 2 frames got 3 timeline slots"):
         pack_items([video], slots=[[0, 1, 2]])
@@ -111,7 +111,7 @@ def test_llava_vit_preprocess_images_then_videos():
     assert batch.grid_thw.tolist() == [[1, 32, 32], [1, 32, 32], [4, 16, 16]]
     expected, _ = patchify(preprocess_images(images), 14, layout="cpp")
     assert torch.equal(batch.patches[: 2 * 1024], expected)
-    video_t = batch.extras["patch_positions"][2048:, 0].reshape(4, 256)
+    video_t = batch.patch_positions[2048:, 0].reshape(4, 256)
     assert video_t[:, 0].tolist() == [0, 21, 42, 63]
     native = llava_vit_preprocess(images, native=True, max_tokens=400)
     assert all(h * w <= 400 for _, h, w in native.grid_thw.tolist())

@@ -12,7 +12,7 @@ column), the layout of a Conv2d weight and of the OneVision packing format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +24,7 @@ __all__ = [
     "SegmentLayout",
     "validate_grid_thw",
     "validate_patches",
+    "validate_patch_positions",
     "item_token_counts",
     "token_positions",
     "to_device",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 PATCH_LAYOUTS = ("ppc", "cpp")
+#: the most tokens one packed sequence may hold: cu_seqlens are int32
+MAX_TOTAL_TOKENS = 2**31 - 1
 
 
 def validate_grid_thw(grid_thw) -> torch.Tensor:
@@ -59,6 +62,13 @@ def validate_grid_thw(grid_thw) -> torch.Tensor:
                 f"grid_thw must hold whole patch counts, got dtype {grid_thw.dtype} with "
                 f"non-integer values; pass an integer tensor such as torch.tensor(..., dtype=torch.long)."
             )
+    if grid_thw.device.type == "meta":
+        raise ValueError(
+            "grid_thw is on the meta device and has no values; build it on the CPU (it is host metadata: "
+            "packvit reads it before anything runs on the model's device)."
+        )
+    if grid_thw.is_floating_point() and (grid_thw.abs() >= 2.0**62).any():
+        raise ValueError("grid_thw holds values too large to be patch counts; pass the (t, h, w) patches per item.")
     grid_thw = grid_thw.detach().to(device="cpu", dtype=torch.int64)
     if (grid_thw <= 0).any():
         bad = grid_thw[(grid_thw <= 0).any(dim=1)][0].tolist()
@@ -66,7 +76,32 @@ def validate_grid_thw(grid_thw) -> torch.Tensor:
             f"grid_thw entries must be positive, got the row {bad}; every item needs at least "
             f"one frame and one row and column of patches."
         )
+    # every count must survive int64 arithmetic and fit the int32 offsets of the attention kernels
+    too_large = [row for row in grid_thw.tolist() if row[0] * row[1] * row[2] > MAX_TOTAL_TOKENS]
+    if too_large:
+        raise ValueError(
+            f"grid_thw row {too_large[0]} describes {too_large[0][0] * too_large[0][1] * too_large[0][2]} patches, "
+            f"more than a packed sequence can hold ({MAX_TOTAL_TOKENS}, the int32 limit of cu_seqlens); "
+            f"resize the item or split it."
+        )
     return grid_thw
+
+
+def validate_patch_positions(patch_positions: torch.Tensor, total_patches: int) -> None:
+    """Checks ``patch_positions [total_patches, 3]``: integer (t, row, column), non-negative where
+    they are on the host."""
+    if not isinstance(patch_positions, torch.Tensor) or tuple(patch_positions.shape) != (total_patches, 3):
+        shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions).__name__
+        raise ValueError(
+            f"patch_positions must be [total_patches, 3] = [{total_patches}, 3] (t, row, column per patch, in "
+            f"packed order), got {shape}; build video positions with packvit.preprocess.llava_vit.timeline_positions."
+        )
+    if patch_positions.is_floating_point() or patch_positions.is_complex() or patch_positions.dtype == torch.bool:
+        raise ValueError(
+            f"patch_positions must hold integer (t, row, column) indices, got {patch_positions.dtype}; pass a torch.long tensor"
+        )
+    if patch_positions.device.type == "cpu" and (patch_positions < 0).any():
+        raise ValueError("patch_positions must be non-negative (t on the timeline, row and column in patches)")
 
 
 def item_token_counts(grid_thw: torch.Tensor) -> list[int]:
@@ -124,12 +159,25 @@ class SegmentLayout:
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int]) -> "SegmentLayout":
+        """Segments of the given lengths: whole positive numbers, ``MAX_TOTAL_TOKENS`` in all at most."""
+        lengths = tuple(lengths.tolist() if isinstance(lengths, (torch.Tensor, np.ndarray)) else lengths)
+        if not lengths:
+            raise ValueError("segment lengths are empty: a packed sequence needs at least one segment")
+        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in lengths):
+            bad = next(n for n in lengths if not isinstance(n, (int, np.integer)) or isinstance(n, bool))
+            raise ValueError(f"segment lengths must be whole numbers, got {bad!r} ({type(bad).__name__})")
         lengths = tuple(int(n) for n in lengths)
-        if not lengths or min(lengths) <= 0:
-            raise ValueError(f"segment lengths must be positive and non-empty, got {lengths[:8]}")
+        if min(lengths) <= 0:
+            raise ValueError(f"segment lengths must be positive, got {min(lengths)} among {lengths[:8]}")
+        total = sum(lengths)
+        if total > MAX_TOTAL_TOKENS:
+            raise ValueError(
+                f"segments of {total} tokens in all exceed the int32 offsets of the attention kernels "
+                f"({MAX_TOTAL_TOKENS}); split the pack into smaller ones"
+            )
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-        return cls(lengths, cu, max(lengths), int(cu[-1]))
+        cu[1:] = torch.from_numpy(np.cumsum(np.asarray(lengths, dtype=np.int64)).astype(np.int32))
+        return cls(lengths, cu, max(lengths), total)
 
     @classmethod
     def one_per_item(cls, num_items: int) -> "SegmentLayout":
@@ -287,17 +335,23 @@ def unpatchify(
 class PackedBatch:
     """Patches of many items in one tensor, with the grid that describes them.
 
-    ``patches [total_patches, patch_dim]`` and ``grid_thw [num_items, 3]`` (host int64). Extra
-    keys a model accepts (``patch_positions`` for OneVision) travel in ``extras``.
+    ``patches [total_patches, patch_dim]`` flattened in ``patch_layout`` (``"ppc"`` or ``"cpp"``),
+    ``grid_thw [num_items, 3]`` (host int64), and optionally ``patch_positions [total_patches, 3]``
+    (integer (t, row, column) of every patch, for models with positions of their own choosing: the
+    OneVision video timeline). A model refuses a batch in another layout than its own.
     """
 
     patches: torch.Tensor
     grid_thw: torch.Tensor
-    extras: dict = field(default_factory=dict)
+    patch_layout: str = "ppc"
+    patch_positions: torch.Tensor | None = None
 
     def __post_init__(self):
+        _check_layout(self.patch_layout)
         self.grid_thw = validate_grid_thw(self.grid_thw)
         validate_patches(self.patches, self.grid_thw)
+        if self.patch_positions is not None:
+            validate_patch_positions(self.patch_positions, self.patches.shape[0])
 
     @property
     def num_items(self) -> int:
@@ -307,22 +361,47 @@ class PackedBatch:
     def token_counts(self) -> list[int]:
         return item_token_counts(self.grid_thw)
 
+    @property
+    def patch_dim(self) -> int:
+        return self.patches.shape[1]
+
+    def _replace(self, patches: torch.Tensor, patch_positions: torch.Tensor | None) -> "PackedBatch":
+        return PackedBatch(patches, self.grid_thw, self.patch_layout, patch_positions)
+
     def to(self, device=None, dtype=None) -> "PackedBatch":
-        patches = self.patches.to(device=device, dtype=dtype, non_blocking=True)
-        return PackedBatch(patches, self.grid_thw, dict(self.extras))
+        """The batch with its patches on ``device`` in ``dtype`` (a non-blocking copy; the grid and
+        the positions stay host metadata)."""
+        return self._replace(self.patches.to(device=device, dtype=dtype, non_blocking=True), self.patch_positions)
+
+    def pin_memory(self) -> "PackedBatch":
+        """The batch with its patches in pinned host memory (what a DataLoader's ``pin_memory`` calls)."""
+        return self._replace(self.patches.pin_memory(), self.patch_positions)
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Splits a model output ``[total_patches, ...]`` into one tensor per item."""
         return split_items(x, self.token_counts)
 
+    def frames_as_items(self) -> "PackedBatch":
+        """Every frame of every item as an item of its own: rows ``(t, h, w)`` become ``t`` rows
+        ``(1, h, w)``. The patches stay as they are (a clip's patches are already frame after frame)."""
+        frames = torch.repeat_interleave(self.grid_thw[:, 1:], self.grid_thw[:, 0], dim=0)  # [sum(t), 2]
+        grid = torch.cat([torch.ones(frames.shape[0], 1, dtype=torch.int64), frames], dim=1)
+        return PackedBatch(self.patches, grid, self.patch_layout, self.patch_positions)
+
     @classmethod
     def concat(cls, batches: Sequence["PackedBatch"]) -> "PackedBatch":
         """Joins packed batches into one, item order kept."""
-        keys = set(batches[0].extras)
-        if any(set(b.extras) != keys for b in batches):
+        if not batches:
+            raise ValueError("PackedBatch.concat needs at least one batch")
+        layouts = {b.patch_layout for b in batches}
+        if len(layouts) != 1:
+            raise ValueError(f"cannot join packed batches of different patch layouts {sorted(layouts)}")
+        with_positions = [b.patch_positions is not None for b in batches]
+        if any(with_positions) != all(with_positions):
             raise ValueError(
-                f"cannot join packed batches with different extras {[sorted(b.extras) for b in batches]}; "
-                f"give every batch the same keys (e.g. patch_positions for all, or for none)"
+                "cannot join packed batches where some carry patch_positions and some do not; give every "
+                "batch patch_positions (e.g. packvit.packing.token_positions(batch.grid_thw)), or none"
             )
-        extras = {key: torch.cat([b.extras[key] for b in batches]) for key in keys}
-        return cls(torch.cat([b.patches for b in batches]), torch.cat([b.grid_thw for b in batches]), extras)
+        positions = torch.cat([b.patch_positions for b in batches]) if all(with_positions) else None
+        return cls(torch.cat([b.patches for b in batches]), torch.cat([b.grid_thw for b in batches]),
+                   layouts.pop(), positions)

@@ -9,7 +9,7 @@
   placed on the 64-slot timeline the model was trained with (``timeline_slots``).
 
 ``pack_items`` turns normalised items into one ``PackedBatch``: patches ``[total, 3*14*14]`` in the
-(C, p, p) layout, ``grid_thw`` and ``extras["patch_positions"] [total, 3]`` (t, row, column).
+(C, p, p) layout, ``grid_thw`` and ``patch_positions [total, 3]`` (t, row, column).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def pack_items(items: Sequence[torch.Tensor], slots: Sequence[torch.Tensor | Non
     """Normalised images ``[3, H, W]`` and videos ``[T, 3, H, W]``, in any order, → one ``PackedBatch``.
 
     ``slots[i]`` gives the timeline slot of each frame of video ``i`` (``None``: frame j at t = j;
-    images sit at t = 0). The batch carries ``extras["patch_positions"]`` ``[total, 3]``.
+    images sit at t = 0). The batch carries ``patch_positions`` ``[total, 3]``.
     """
     items = list(items)
     slots = [None] * len(items) if slots is None else list(slots)
@@ -140,14 +140,14 @@ def pack_items(items: Sequence[torch.Tensor], slots: Sequence[torch.Tensor | Non
         if item_slots.numel() != frames:
             raise ValueError(f"an item of {frames} frames got {item_slots.numel()} timeline slots")
         positions.append(timeline_positions(item_slots, rows, cols))
-    return PackedBatch(patches, grid_thw, {"patch_positions": torch.cat(positions)})
+    return PackedBatch(patches, grid_thw, "cpp", torch.cat(positions))
 
 
 def llava_vit_preprocess(images: Sequence = (), videos: Sequence = (), *, native: bool = False,
                          max_tokens: int | None = 1024, backend: str = "pil", device=None) -> PackedBatch:
     """Images (published processor, or ``native`` resolution) then videos (each a sequence of
     uniformly sampled frames, at 224 on the 64-slot timeline) → one ``PackedBatch`` for
-    ``LlavaViTPackingModel(batch.patches, batch.grid_thw, patch_positions=batch.extras["patch_positions"])``."""
+    ``LlavaViTPackingModel(batch.patches, batch.grid_thw, patch_positions=batch.patch_positions)``."""
     images = _as_list(images)
     if native:
         pixels = preprocess_native(images, max_tokens=max_tokens, backend=backend, device=device)
