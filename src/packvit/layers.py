@@ -1,4 +1,5 @@
-"""Layers shared by the packed models: varlen self-attention, MLPs, RMSNorm, attention pooling.
+"""Layers shared by the packed models: the pre-norm encoder block, varlen self-attention, MLPs,
+RMSNorm, LayerScale and the attention-pooling heads.
 
 Every layer works on packed tokens ``[total_tokens, hidden]`` and takes a ``VarlenContext``, the
 per-forward attention metadata built once on the host.
@@ -16,6 +17,7 @@ from torch import nn
 
 from .attention import varlen_attention
 from .packing import SegmentLayout
+from .positions import RotaryTable
 
 __all__ = [
     "VarlenContext",
@@ -26,9 +28,12 @@ __all__ = [
     "Mlp",
     "GatedMlp",
     "RMSNorm",
+    "LayerScale",
+    "EncoderBlock",
     "AttentionPoolingHead",
+    "ProbePoolingHead",
     "ACTIVATIONS",
-    "fuse_linear",
+    "activation",
 ]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -136,7 +141,7 @@ class VarlenContext:
 class FusedQKVSelfAttention(nn.Module):
     """Multi-head self-attention with one ``qkv`` projection (rows q, k, v) and an output ``proj``.
 
-    ``rope(q, k)``, if given, rotates queries and keys ``[S, H, hd]`` after projection.
+    ``rotary``, if given, rotates queries and keys ``[S, H, hd]`` after projection.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
@@ -147,12 +152,12 @@ class FusedQKVSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, context: VarlenContext, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: VarlenContext, rotary: RotaryTable | None = None) -> torch.Tensor:
         total = x.shape[0]
         # [S, D] → [S, 3, H, hd] → three [S, H, hd]
         q, k, v = self.qkv(x).view(total, 3, self.num_heads, self.head_dim).unbind(1)
-        if rope is not None:
-            q, k = rope(q, k)
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
         out = context.attend(q, k, v)
         return self.proj(out.reshape(total, -1))
 
@@ -214,6 +219,43 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * lambda1``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.lambda1
+
+
+class EncoderBlock(nn.Module):
+    """The pre-norm block of every family: ``x + ls1(attn(norm1 x))``, then ``x + ls2(mlp(norm2 x))``.
+
+    ``norm`` builds a norm layer (LayerNorm or RMSNorm); ``mlp`` is the block's MLP; ``layer_scale``
+    adds LayerScale on both branches (identity otherwise). ``compile_by_default``: whether the
+    automatic ``compile_layers`` setting compiles this block (see ``layers_compiled``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, norm: Callable[[], nn.Module], mlp: nn.Module, *,
+                 qkv_bias: bool = True, proj_bias: bool = True, layer_scale: bool = False,
+                 compile_by_default: bool = True):
+        super().__init__()
+        self.norm1 = norm()
+        self.attn = FusedQKVSelfAttention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.norm2 = norm()
+        self.mlp = mlp
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.compile_by_default = compile_by_default
+
+    def forward(self, x: torch.Tensor, context: VarlenContext, rotary: RotaryTable | None = None) -> torch.Tensor:
+        """``x [S, D]`` → ``[S, D]``."""
+        x = x + self.ls1(self.attn(self.norm1(x), context, rotary))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
 class AttentionPoolingHead(nn.Module):
     """Multihead attention pooling (MAP): a learned probe attends over each segment.
 
@@ -230,6 +272,7 @@ class AttentionPoolingHead(nn.Module):
         self.attention.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.attention.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.attention.in_proj_weight)
+        nn.init.normal_(self.probe, std=0.02)
         self.norm = norm
         self.mlp = Mlp(dim, mlp_hidden, act)
 
@@ -246,18 +289,26 @@ class AttentionPoolingHead(nn.Module):
         return pooled + self.mlp(self.norm(pooled))
 
 
-def fuse_linear(state: dict[str, torch.Tensor], target: str, sources: Sequence[str], with_bias: bool) -> None:
-    """Replaces ``{source}.weight``/``.bias`` entries by one ``{target}`` with rows stacked in order.
+class ProbePoolingHead(nn.Module):
+    """One learned query per segment, split into heads without projection, attends over the
+    segment's tokens (keys ``k_proj x``, values ``v_proj x``, default scale); ``output_proj`` maps
+    the result. No norm, MLP or residual (AIMv2's head)."""
 
-    A source with no bias contributes zeros (exact), so a fused projection can carry q and v
-    biases with none for k. Edits ``state`` in place.
-    """
-    weights = [state.pop(f"{source}.weight") for source in sources]
-    state[f"{target}.weight"] = torch.cat(weights, dim=0)
-    biases = [state.pop(f"{source}.bias", None) for source in sources]
-    if with_bias:
-        state[f"{target}.bias"] = torch.cat(
-            [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
-        )
-    elif any(b is not None for b in biases):
-        raise ValueError(f"checkpoint has biases for {sources} but the model was configured without")
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.output_proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, context: VarlenContext) -> torch.Tensor:
+        """``x [S, D]`` → ``[num_segments, D]``."""
+        total, dim = x.shape
+        num_segments = context.segments.num_segments
+        # [1, 1, D] → [N, H, hd]
+        query = self.cls_token.reshape(1, self.num_heads, self.head_dim).expand(num_segments, -1, -1).contiguous()
+        key = self.k_proj(x).view(total, self.num_heads, self.head_dim)  # [S, H, hd]
+        value = self.v_proj(x).view(total, self.num_heads, self.head_dim)  # [S, H, hd]
+        pooled = context.pool(query, key, value)  # [N, H, hd]
+        return self.output_proj(pooled.reshape(num_segments, dim))

@@ -1,96 +1,110 @@
-"""What every packed model shares: checkpoint resolution and loading, the output type, defaults.
+"""The packed model of every family: one forward template, loading, metadata, outputs.
 
-A model family subclasses ``PackedVisionModel`` and supplies three things: how to read its
-configuration from a checkpoint's ``config.json`` (rejecting other families), how to build its
-modules from that configuration, and one visible function mapping checkpoint keys to its own
-parameter names.
+A family subclasses ``PackedVisionModel`` and supplies only what is its own:
+
+- ``config_class`` (a ``VisionConfig``) and ``build(config)``, which creates ``embeddings``,
+  ``blocks`` (``EncoderBlock``s), ``final_norm`` and ``head`` (either may be ``None``);
+- ``map_checkpoint(state)``: one visible function from checkpoint names to its own;
+- ``prepare_positions(meta, patch_positions, interpolate_pos_encoding)``: the position data of a
+  pack (rotary tables, position embeddings or table rows), filled into the pack's metadata;
+- ``embeddings(patches, meta)`` → the packed sequence ``[S, D]``, and ``pool(x, meta, prefix_tokens)``
+  where the pooled output is not the ``head`` applied to the segments.
+
+The template (``forward``): validate → metadata (host, once) → embed → blocks → final norm →
+pool → split prefix and patch tokens → ``PackedVisionOutput``. Gradient checkpointing, compiled
+layers and the choice of hidden states to keep live here, once for all families.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import read_config_dict, read_state_dict, resolve_checkpoint, write_checkpoint
+from ..layers import VarlenContext, run_layer
+from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
+from ..positions import RotaryTable
+from .config import VisionConfig
 
 __all__ = [
     "PackedVisionOutput",
+    "PackMetadata",
     "PackedVisionModel",
-    "resolve_checkpoint",
-    "read_config_dict",
-    "read_state_dict",
     "default_device",
     "default_dtype",
-    "strip_prefix",
+    "PACKVIT_FORMAT_KEY",
 ]
+
+#: ``config.json`` key marking a checkpoint written by packvit's ``save_pretrained`` (packvit's names)
+PACKVIT_FORMAT_KEY = "packvit_format"
 
 
 @dataclass
 class PackedVisionOutput:
-    """Outputs of a packed model.
+    """Outputs of a packed model, the same for every family.
 
-    ``last_hidden_state [total_tokens, hidden]`` (patch tokens, in input order);
-    ``pooler_output [num_items, hidden]`` or ``None``; ``hidden_states``, on request, a tuple of
-    ``[total_sequence, hidden]`` tensors with the meaning the reference gives them;
-    ``prefix_tokens [num_items, num_prefix, hidden]`` for models with CLS/register tokens.
+    ``last_hidden_state [total_patches, hidden]``: patch tokens after the final norm, in input
+    order. ``pooler_output [num_items, hidden]`` or ``None``: one row per ``grid_thw`` row.
+    ``prefix_tokens [num_items, num_prefix, hidden]`` for families with CLS/register tokens, else
+    ``None``. ``hidden_states``, on request: the embeddings (entry 0) and each block's output,
+    before the final norm, patch tokens only ``[total_patches, hidden]`` each; with
+    ``hidden_layers`` only the entries asked for, in that order. ``prefix_hidden_states``: the
+    prefix tokens of the same entries, ``[num_items, num_prefix, hidden]`` each.
     """
 
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     prefix_tokens: torch.Tensor | None = None
+    prefix_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields that are not ``None``, in order."""
+        return tuple(value for value in (self.last_hidden_state, self.pooler_output, self.hidden_states,
+                                         self.prefix_tokens, self.prefix_hidden_states) if value is not None)
 
 
-def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a hub id fetched (config and safetensors only) into the cache."""
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"checkpoint {ckpt} is a file; pass the directory that holds config.json and *.safetensors")
-    try:
-        from huggingface_hub import snapshot_download
+@dataclass
+class PackMetadata:
+    """Everything a forward needs to know about a pack's shape, built once on the host from
+    ``grid_thw`` and copied to the model's device: pass it back as ``model(..., metadata=meta)`` to
+    reuse it (several forwards of one pack, a training step's recompute, captured graphs).
 
-        return Path(snapshot_download(str(ckpt), allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as error:
-        raise ValueError(
-            f"checkpoint {ckpt!r} is neither a local directory nor a reachable hub id ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); download it first and pass its directory"
-        ) from error
+    ``context``: attention segments (one per item: prefix tokens then patches). With prefix tokens,
+    ``patch_rows [total_patches]`` and ``prefix_rows [num_items * P]`` are the sequence rows of the
+    patches and of the prefix tokens, and ``source_index [S]`` the row of ``cat(prefix table,
+    patch embeddings)`` each sequence position takes. Position data, per family: ``rotary`` (cos,
+    sin), ``position_embeddings [total_patches, D]`` (parameter-free tables), or ``position_grids``
+    + ``position_rows [total_patches]`` (lookups into a learned table resized per grid).
+    """
 
+    grid_thw: torch.Tensor
+    context: VarlenContext
+    device: torch.device
+    dtype: torch.dtype
+    num_prefix_tokens: int = 0
+    patch_rows: torch.Tensor | None = None
+    prefix_rows: torch.Tensor | None = None
+    source_index: torch.Tensor | None = None
+    rotary: RotaryTable | None = None
+    position_embeddings: torch.Tensor | None = None
+    position_grids: list[tuple[int, int]] = field(default_factory=list)
+    position_rows: torch.Tensor | None = None
 
-def read_config_dict(directory: Path) -> dict:
-    config_file = Path(directory) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{directory} has no config.json; it is not a transformers-style checkpoint")
-    return json.loads(config_file.read_text())
+    @property
+    def num_items(self) -> int:
+        return self.grid_thw.shape[0]
 
-
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint's safetensors files (sharded or single)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no *.safetensors file; save the model with safe_serialization")
-    state = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
-
-
-def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Removes the first matching prefix from every key; keys with none of them are dropped."""
-    out = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = value
-                break
-    return out
+    @property
+    def total_patches(self) -> int:
+        return self.context.segments.total - self.num_items * self.num_prefix_tokens
 
 
 def default_device(device=None) -> torch.device:
@@ -100,71 +114,131 @@ def default_device(device=None) -> torch.device:
 
 
 def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
-    """bf16 on CUDA, float32 elsewhere, unless asked otherwise."""
+    """bf16 on CUDA, float32 elsewhere, unless asked otherwise (a ``torch.dtype`` or its name)."""
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'")
         return getattr(torch, dtype)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
     if dtype is not None:
         return dtype
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class PackedVisionModel(nn.Module):
-    """Base of the packed models: ``Model(config)`` builds random weights, ``Model(ckpt=...)`` loads.
+def _normalize_layers(hidden_layers: Sequence[int], num_layers: int) -> list[int]:
+    """Indices into the ``num_layers + 1`` hidden states (negative from the end) → ``0 .. num_layers``."""
+    normalized = []
+    for index in hidden_layers:
+        if not isinstance(index, int) or isinstance(index, bool) or not -(num_layers + 1) <= index <= num_layers:
+            raise ValueError(
+                f"hidden layer {index!r} does not exist: the model has {num_layers + 1} hidden states (0 = the "
+                f"embeddings, {num_layers} = the last block; negative indices count from the end)"
+            )
+        normalized.append(index % (num_layers + 1))
+    return normalized
 
-    Subclasses define ``config_from_dict(config_dict)`` (a classmethod that raises ``ValueError``
-    for a checkpoint of another family), ``build(config)`` and ``map_checkpoint(state)``.
+
+class PackedVisionModel(nn.Module):
+    """A vision transformer on packed sequences.
+
+    ``Model(config)`` builds random weights; ``Model(ckpt=dir_or_hub_id)`` or
+    ``Model.from_pretrained(...)`` loads a checkpoint (bf16 on CUDA, float32 on the CPU, unless
+    ``dtype`` says otherwise); ``config_overrides`` replace configuration fields, and the weights
+    must then match the architecture exactly (loading never changes the architecture silently).
+
+    ``model(batch)`` with a ``PackedBatch`` (moved to the model's device and dtype here) returns a
+    ``PackedVisionOutput``. ``model(patches, grid_thw)`` is the tensor form (see ``forward``).
     """
 
-    def __init__(self, config=None, *, ckpt=None, device=None, dtype=None):
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type[VisionConfig]] = VisionConfig
+    #: how the model's patch embedding reads a flattened patch: "ppc" (p, p, C) or "cpp" (C, p, p)
+    patch_layout: ClassVar[str] = "ppc"
+    #: whether an item may have t > 1 frames (one attention segment per clip)
+    takes_video: ClassVar[bool] = False
+    #: what ``model(patches, grid_thw)`` returns without ``return_dict``: the output object, or
+    #: (``False``) the ``last_hidden_state`` tensor
+    returns_output_by_default: ClassVar[bool] = False
+
+    def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None, **config_overrides):
         super().__init__()
         if (config is None) == (ckpt is None):
             raise ValueError("pass a configuration to build random weights, or ckpt= to load a checkpoint, not both")
-        directory = None
+        config_dict = None
         if ckpt is not None:
             directory = resolve_checkpoint(ckpt)
-            config = self.config_from_dict(read_config_dict(directory))
+            config_dict = read_config_dict(directory)
+            config = self.config_from_dict(config_dict, **config_overrides)
+        elif config_overrides:
+            config = config.replace(**config_overrides)
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        state = None
+        if config_dict is not None:
+            state = read_state_dict(directory)
+            if not config_dict.get(PACKVIT_FORMAT_KEY):
+                state = self.map_checkpoint(state)
         #: attention backend name for every varlen call of this model (None: automatic)
         self.attention_backend: str | None = None
-        #: run each encoder layer through torch.compile: True, False, or None for automatic
+        #: run each encoder block through torch.compile: True, False, or None for automatic
         #: (compiled for CUDA inference; see packvit.layers.layers_compiled)
         self.compile_layers: bool | None = None
-        state = None
-        if directory is not None:
-            try:
-                state = self.map_checkpoint(read_state_dict(directory))
-            except KeyError as error:
-                raise ValueError(
-                    f"checkpoint {ckpt} has no tensor {error.args[0]!r}, which {type(self).__name__} needs; "
-                    f"the checkpoint is incomplete or of another variant (check its config.json against its weights)"
-                ) from error
+        #: recompute each block in the backward pass instead of storing its activations
+        self.gradient_checkpointing = False
+        self._checkpoint_kwargs: dict = {}
         if state is None:
             self.build(config)
         else:
             with torch.device("meta"):
                 self.build(config)
-            self._load_mapped_state(state)
+            self._load_mapped_state(state, ckpt)
         device = default_device(device)
         self.to(device=device, dtype=default_dtype(device, dtype))
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, ckpt, *, device=None, dtype=None):
+    def from_pretrained(cls, ckpt, *, device=None, dtype=None, **config_overrides):
         """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default."""
-        return cls(ckpt=ckpt, device=device, dtype=dtype)
+        return cls(ckpt=ckpt, device=device, dtype=dtype, **config_overrides)
 
-    def _load_mapped_state(self, state: dict[str, torch.Tensor]) -> None:
+    @classmethod
+    def config_from_dict(cls, config_dict: dict, **overrides) -> VisionConfig:
+        """The configuration of a checkpoint's ``config.json``; ``ValueError`` for another family's."""
+        return cls.config_class.from_dict(config_dict, **overrides)
+
+    def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt) -> None:
         expected = set(self.state_dict().keys())
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(
-                f"checkpoint does not match {type(self).__name__}: missing {missing[:6]}"
-                f"{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                f"{'...' if len(unexpected) > 6 else ''}"
+                f"checkpoint {ckpt} does not match the {type(self).__name__} its config.json describes: missing "
+                f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                f"{'...' if len(unexpected) > 6 else ''}. The checkpoint is incomplete, or its config.json is of "
+                f"another variant (check use_head and num_hidden_layers); packvit never drops or adds modules to "
+                f"make weights fit"
+            )
+        shapes = {key: value.shape for key, value in self.state_dict().items()}
+        wrong = [key for key, value in state.items() if value.shape != shapes[key]]
+        if wrong:
+            raise ValueError(
+                f"checkpoint tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but the architecture in "
+                f"config.json needs {tuple(shapes[wrong[0]])}; the weights and config.json disagree"
             )
         self.load_state_dict(state, strict=True, assign=True)
+
+    def save_pretrained(self, directory) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` that ``from_pretrained`` loads back
+        (packvit's own parameter names, marked in ``config.json``)."""
+        config_dict, state = self.export_checkpoint()
+        write_checkpoint(Path(directory), config_dict, state)
+
+    def export_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The ``(config dict, state dict)`` that ``save_pretrained`` writes."""
+        return {**self.config.to_dict(), PACKVIT_FORMAT_KEY: 1}, self.state_dict()
+
+    # --- what every model exposes ------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
@@ -174,12 +248,216 @@ class PackedVisionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    @classmethod
-    def config_from_dict(cls, config_dict: dict):
-        raise NotImplementedError
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.config.patch_dim
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens (CLS, registers) placed before every item's patches; 0 for most families."""
+        return 0
+
+    # --- family hooks ------------------------------------------------------------------------
 
     def build(self, config) -> None:
         raise NotImplementedError
 
     def map_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor names → this model's (``self.config`` is set)."""
         raise NotImplementedError
+
+    def prepare_positions(self, meta: PackMetadata, patch_positions: torch.Tensor | None,
+                          interpolate_pos_encoding: bool) -> None:
+        """Fills the pack's position data into ``meta``."""
+
+    def embed(self, patches: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
+        """``patches [total_patches, patch_dim]`` → the packed sequence ``[S, D]`` (prefix tokens included)."""
+        return self.embeddings(patches, meta)
+
+    def pool(self, x: torch.Tensor, meta: PackMetadata, prefix_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """``x [S, D]`` after the final norm → ``[num_items, D]``, or ``None`` without a pooled output."""
+        return self.head(x, meta.context) if self.head is not None else None
+
+    # --- training ----------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute every block in the backward pass (non-reentrant ``torch.utils.checkpoint``).
+
+        The pack's metadata is built once per forward on the host and reused by the recompute, so
+        the recomputed block sees exactly the segments of the forward and reads nothing back from
+        the device. ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("packvit checkpoints blocks non-reentrantly; use_reentrant=True is not supported")
+        self._checkpoint_kwargs = kwargs
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
+    # --- the forward template ----------------------------------------------------------------
+
+    def prepare(self, inputs, patch_positions: torch.Tensor | None = None, *,
+                interpolate_pos_encoding: bool = False) -> PackMetadata:
+        """The metadata of a pack (a ``PackedBatch`` or a ``grid_thw``), on the model's device.
+
+        Built on the host from the grid, copied with non-blocking transfers; reads nothing back.
+        """
+        if isinstance(inputs, PackedBatch):
+            grid_thw, patch_positions = inputs.grid_thw, inputs.patch_positions
+        else:
+            grid_thw = validate_grid_thw(inputs)
+        self._check_frames(grid_thw)
+        device, dtype, num_prefix = self.device, self.dtype, self.num_prefix_tokens
+        counts = item_token_counts(grid_thw)
+        meta = PackMetadata(
+            grid_thw=grid_thw,
+            context=VarlenContext.from_lengths([num_prefix + n for n in counts], device, backend=self.attention_backend),
+            device=device, dtype=dtype, num_prefix_tokens=num_prefix,
+        )
+        if num_prefix:
+            prefix_rows, patch_rows = prefix_token_index(counts, num_prefix)
+            source_index = np.empty(meta.context.segments.total, dtype=np.int64)
+            source_index[prefix_rows.numpy().ravel()] = np.tile(np.arange(num_prefix), len(counts))
+            source_index[patch_rows.numpy()] = num_prefix + np.arange(patch_rows.numel())
+            # the three index maps travel in one non-blocking copy
+            maps = [torch.from_numpy(source_index), patch_rows, prefix_rows.flatten()]
+            joined = to_device(torch.cat(maps), device).split([m.numel() for m in maps])
+            meta.source_index, meta.patch_rows, meta.prefix_rows = joined
+        self.prepare_positions(meta, patch_positions, interpolate_pos_encoding)
+        return meta
+
+    def _check_frames(self, grid_thw: torch.Tensor) -> None:
+        if not self.takes_video and (grid_thw[:, 0] != 1).any():
+            row = grid_thw[grid_thw[:, 0] != 1][0].tolist()
+            raise ValueError(
+                f"{type(self).__name__} encodes images: every grid_thw row needs t = 1, got {row}; encode a "
+                f"clip's frames as images of their own with batch.frames_as_items() (PackedBatch)"
+            )
+
+    def forward(
+        self,
+        inputs,
+        grid_thw=None,
+        *,
+        patch_positions: torch.Tensor | None = None,
+        metadata: PackMetadata | None = None,
+        output_hidden_states: bool = False,
+        hidden_layers: Sequence[int] | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ):
+        """Encodes a pack.
+
+        ``inputs``: a ``PackedBatch`` (in the model's ``patch_layout``), or the patches
+        ``[total_patches, patch_dim]`` themselves with ``grid_thw [num_items, 3]`` (host) and, for
+        models that read them, ``patch_positions [total_patches, 3]``. Patches are moved to the
+        model's device and dtype. ``metadata``: a ``PackMetadata`` from ``prepare`` for these grids,
+        reused instead of built again. ``output_hidden_states``: every hidden state;
+        ``hidden_layers``: only these indices of them (0 = embeddings, -1 = last block).
+        ``interpolate_pos_encoding``: a learned fixed-grid position table (AIMv2 fixed-size
+        checkpoints) is resized to other grids instead of refusing them (beyond the reference).
+
+        Returns a ``PackedVisionOutput`` for a ``PackedBatch`` or ``return_dict=True``; with patches
+        and no ``return_dict``, what the family's published packed model returned
+        (``returns_output_by_default``): the output, or the ``last_hidden_state`` tensor.
+        """
+        if isinstance(inputs, PackedBatch):
+            if grid_thw is not None or patch_positions is not None:
+                raise ValueError("pass a PackedBatch alone, or patches with grid_thw (and patch_positions), not both")
+            if inputs.patch_layout != self.patch_layout:
+                raise ValueError(
+                    f"the batch's patches are flattened {inputs.patch_layout!r} but {type(self).__name__} reads "
+                    f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
+                    f"batch with this model's processor: packvit.load_processor(model)"
+                )
+            patches, grid, patch_positions = inputs.patches, inputs.grid_thw, inputs.patch_positions
+            as_output = True if return_dict is None else return_dict
+        else:
+            if grid_thw is None:
+                raise ValueError("pass a PackedBatch, or patches [total_patches, patch_dim] with grid_thw [num_items, 3]")
+            patches, grid = inputs, validate_grid_thw(grid_thw)
+            as_output = self.returns_output_by_default if return_dict is None else return_dict
+        validate_patches(patches, grid, self.patch_dim)
+        if patches.device.type == "meta":
+            raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
+        if metadata is None:
+            metadata = self.prepare(grid, patch_positions, interpolate_pos_encoding=interpolate_pos_encoding)
+        else:
+            self._check_metadata(metadata, grid)
+        keep = list(range(self.num_hidden_layers + 1)) if output_hidden_states else []
+        if hidden_layers is not None:
+            keep = _normalize_layers(hidden_layers, self.num_hidden_layers)
+        output = self._encode(patches, metadata, keep)
+        if as_output:
+            return output
+        return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
+
+    def _check_metadata(self, meta: PackMetadata, grid_thw: torch.Tensor) -> None:
+        if not torch.equal(meta.grid_thw, grid_thw):
+            raise ValueError("metadata was prepared for another grid_thw; call model.prepare(batch) for this batch")
+        if meta.device != self.device or meta.dtype != self.dtype:
+            raise ValueError(
+                f"metadata was prepared for {meta.device} {meta.dtype}, the model is on {self.device} {self.dtype}; "
+                f"call model.prepare(batch) again after moving the model"
+            )
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
+        call = functools.partial(run_layer, block, compiled=self.compile_layers)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(call, x, meta.context, meta.rotary, use_reentrant=False, **self._checkpoint_kwargs)
+        return call(x, meta.context, meta.rotary)
+
+    def run_blocks(self, patches: torch.Tensor, meta: PackMetadata, keep: Sequence[int],
+                   num_blocks: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Embeds ``patches`` and runs the first ``num_blocks`` blocks (all by default).
+
+        Returns the sequence ``[S, D]`` after the last block run, and ``{index: hidden state [S, D]}``
+        for the indices in ``keep`` (0 = the embeddings). Nothing else is kept.
+        """
+        patches = patches.to(device=meta.device, non_blocking=True).to(meta.dtype)
+        x = self.embed(patches, meta)  # [S, D]
+        kept = {0: x} if 0 in keep else {}
+        for index, block in enumerate(self.blocks[:num_blocks], start=1):
+            x = self._run_block(block, x, meta)
+            if index in keep:
+                kept[index] = x
+        return x, kept
+
+    def split_prefix(self, x: torch.Tensor, meta: PackMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A sequence ``[S, D]`` → ``(patch tokens [total_patches, D], prefix tokens [N, P, D] or None)``."""
+        if not meta.num_prefix_tokens:
+            return x, None
+        prefix = x.index_select(0, meta.prefix_rows).view(meta.num_items, meta.num_prefix_tokens, x.shape[-1])
+        return x.index_select(0, meta.patch_rows), prefix
+
+    def _encode(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int]) -> PackedVisionOutput:
+        x, kept = self.run_blocks(patches, meta, keep)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        patch_tokens, prefix_tokens = self.split_prefix(x, meta)
+        hidden = [self.split_prefix(kept[index], meta) for index in keep]
+        return PackedVisionOutput(
+            last_hidden_state=patch_tokens,
+            pooler_output=self.pool(x, meta, prefix_tokens),
+            hidden_states=tuple(h for h, _ in hidden) if keep else None,
+            prefix_tokens=prefix_tokens,
+            prefix_hidden_states=tuple(p for _, p in hidden) if keep and meta.num_prefix_tokens else None,
+        )

@@ -1,6 +1,7 @@
 """OneVision Encoder against packvit's standard ``LlavaViTModel``: the family half of align, bench and the tests.
 
-The reference is the dense model with the published checkpoint layout, so ``run_reference`` groups
+The reference is packvit's dense model with the published checkpoint layout
+(``packvit.harness.llava_vit_reference``), so ``run_reference`` groups
 items of equal shape (images ``[C, H, W]``, videos ``[T, C, H, W]``) into batches; ``run_packed``
 runs every item in one pack, each video one attention segment. An item returns ``t*h*w`` tokens.
 """
@@ -44,7 +45,6 @@ def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> None:
 
 class LlavaViTAdapter(FamilyAdapter):
     name = "llava_vit"
-    patch_layout = "cpp"
     default_grids = ((32, 32), (16, 16))
 
     def write_random_checkpoint(self, directory: Path, size: str = "tiny", seed: int = 0, **overrides) -> Path:
@@ -53,7 +53,8 @@ class LlavaViTAdapter(FamilyAdapter):
         ``size``: ``"tiny"`` or ``"full"`` (the large checkpoint's shape); ``overrides`` replace
         configuration fields (``use_head``, ``layer_norm_type``, ...).
         """
-        from ..models.llava_vit import LlavaViTConfig, LlavaViTModel
+        from ..models.llava_vit import LlavaViTConfig
+        from .llava_vit_reference import LlavaViTModel
 
         if size not in self.sizes:
             raise ValueError(f"size must be one of {self.sizes}, got {size!r}")
@@ -66,26 +67,9 @@ class LlavaViTAdapter(FamilyAdapter):
         return directory
 
     def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
-        from ..models.llava_vit import LlavaViTModel
+        from .llava_vit_reference import LlavaViTModel
 
         return LlavaViTModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-
-    def load_packed(self, ckpt, device, dtype) -> torch.nn.Module:
-        from ..models.llava_vit import LlavaViTPackingModel
-
-        return LlavaViTPackingModel.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-
-    def patch_size(self, model: torch.nn.Module) -> int:
-        return int(model.config.patch_size)
-
-    def preprocess(self, images: Sequence, **options) -> list[torch.Tensor]:
-        """The published processor (448 px, bicubic, centre crop, CLIP mean/std); ``native=True``
-        for native resolution (see ``packvit.preprocess.llava_vit``)."""
-        from ..preprocess.llava_vit import preprocess_images, preprocess_native
-
-        if options.pop("native", False):
-            return preprocess_native(images, **options)
-        return preprocess_images(images, **options)
 
     def extra_scenarios(self, patch_size: int, generator: torch.Generator) -> list[tuple[str, list[torch.Tensor]]]:
         """A lone video, and a pack mixing images and videos of several sizes."""
@@ -101,13 +85,6 @@ class LlavaViTAdapter(FamilyAdapter):
             return model(batch.transpose(1, 2) if batch.dim() == 5 else batch)
 
         return self.run_dense_groups(forward, items, batch_size)
-
-    def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
-        patches, grid_thw = self.pack(items, self.patch_size(model))
-        result = model(patches, grid_thw)
-        tokens = torch.split(result.last_hidden_state, grid_thw.prod(dim=1).tolist())
-        pooled = result.pooler_output
-        return [ItemOutput(t, pooled[i] if pooled is not None else None) for i, t in enumerate(tokens)]
 
 
 ADAPTER = LlavaViTAdapter()

@@ -11,13 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from ..models.dinov3 import DINOV3_RELEASES, DINOv3ViTPacking
-from ..packing import patchify, prefix_token_index, to_device
-from ..preprocess.dinov3 import DINOV3_MAX_NUM_PATCHES, preprocess_fixed, preprocess_native
-from . import FamilyAdapter, ItemOutput
+from ..models.dinov3 import DINOV3_RELEASES
+from . import FamilyAdapter, ItemOutput, reference_from_pretrained, require_transformers
 
 __all__ = ["DINOv3Adapter", "ADAPTER", "reference_config", "randomize_parameters"]
 
@@ -33,13 +30,12 @@ _SIZES = {
 
 def reference_config(size: str = "tiny", **overrides):
     """A transformers ``DINOv3ViTConfig`` of a named size (4 registers, patch 16, GELU) with overrides."""
-    from transformers import DINOv3ViTConfig
-
+    config_class = require_transformers("DINOv3ViTConfig", "dinov3")
     if size not in _SIZES:
         raise ValueError(f"unknown DINOv3 size {size!r}; choose one of {sorted(_SIZES)}")
     values = dict(_SIZES[size], patch_size=16, num_register_tokens=4, hidden_act="gelu")
     values.update(overrides)
-    return DINOv3ViTConfig(**values)
+    return config_class(**values)
 
 
 @torch.no_grad()
@@ -77,64 +73,24 @@ class DINOv3Adapter(FamilyAdapter):
 
         ``overrides`` change fields of the configuration (``use_gated_mlp``, ``query_bias`` ...).
         """
-        from transformers import DINOv3ViTModel
-
+        model_class = require_transformers("DINOv3ViTModel", self.name)
         directory = Path(directory)
         config = reference_config(size, **overrides)
         torch.manual_seed(seed)
-        model = DINOv3ViTModel(config)
+        model = model_class(config)
         randomize_parameters(model, torch.Generator().manual_seed(seed))
         model.save_pretrained(directory)
         return directory
 
     def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
-        from transformers import DINOv3ViTModel
-
-        model = DINOv3ViTModel.from_pretrained(str(ckpt), attn_implementation="sdpa", dtype=dtype)
+        model = reference_from_pretrained(require_transformers("DINOv3ViTModel", self.name), ckpt, dtype)
         return model.to(device).eval()
 
-    def load_packed(self, ckpt, device, dtype) -> torch.nn.Module:
-        return DINOv3ViTPacking(ckpt=ckpt, device=device, dtype=dtype)
-
-    def patch_size(self, model: torch.nn.Module) -> int:
-        patch_size = model.config.patch_size
-        return patch_size[0] if isinstance(patch_size, (list, tuple)) else int(patch_size)
-
-    def preprocess(self, images: Sequence, mode: str = "fixed", max_num_patches: int = DINOV3_MAX_NUM_PATCHES,
-                   **options) -> list[torch.Tensor]:
-        """``mode="fixed"``: the reference processor (224×224); ``"native"``: aspect ratio kept."""
-        if options:
-            raise ValueError(f"unknown DINOv3 preprocessing options {sorted(options)}; use mode and max_num_patches")
-        if mode == "fixed":
-            return list(preprocess_fixed(images))
-        if mode == "native":
-            return preprocess_native(images, max_num_patches=max_num_patches)
-        raise ValueError(f"mode must be 'fixed' or 'native', got {mode!r}")
-
-    @torch.no_grad()
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """Items grouped by identical size into dense batches of up to ``batch_size``."""
         parameter = next(model.parameters())
         images = [_as_image(item).to(parameter.device, parameter.dtype) for item in items]
         return self.run_dense_groups(lambda pixels: model(pixel_values=pixels), images, batch_size)
-
-    @torch.no_grad()
-    def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
-        """All items in one pack; tokens per item ``[CLS, registers, patches]`` like the reference."""
-        patches, grid_thw = patchify([_as_image(item) for item in items], model.patch_size, layout=model.patch_layout)
-        output = model(patches.to(model.device, model.dtype), grid_thw, return_dict=True)
-        num_items, num_prefix, hidden = output.prefix_tokens.shape
-        patch_counts = grid_thw.prod(dim=1).tolist()
-        # rows of cat([prefix tokens (N*P rows), patch tokens]) in segment order [prefix_i, patches_i]
-        prefix_rows, patch_rows = prefix_token_index(patch_counts, num_prefix)
-        order = np.empty(prefix_rows.numel() + patch_rows.numel(), dtype=np.int64)
-        order[prefix_rows.numpy().ravel()] = np.arange(prefix_rows.numel())
-        order[patch_rows.numpy()] = prefix_rows.numel() + np.arange(patch_rows.numel())
-        order = torch.from_numpy(order)
-        tokens = torch.cat([output.prefix_tokens.reshape(-1, hidden), output.last_hidden_state])
-        tokens = tokens.index_select(0, to_device(order, tokens.device))  # [S, D], reference order
-        per_item = torch.split(tokens, [num_prefix + n for n in patch_counts])
-        return [ItemOutput(per_item[i], output.pooler_output[i]) for i in range(num_items)]
 
 
 def _as_image(item: torch.Tensor) -> torch.Tensor:

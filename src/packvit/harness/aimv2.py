@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import FamilyAdapter, ItemOutput
+from . import FamilyAdapter, ItemOutput, reference_from_pretrained, require_transformers
 
 __all__ = ["AIMv2Adapter", "ADAPTER", "TINY", "FULL"]
 
@@ -41,8 +41,6 @@ class AIMv2Adapter(FamilyAdapter):
         random offsets (tiny: every parameter), so none of them is a no-op; full-size matrices keep
         transformers' initialisation.
         """
-        from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
-
         if size not in self.sizes:
             raise ValueError(f"size must be one of {self.sizes}, got {size!r}")
         vision = dict(TINY if size == "tiny" else FULL, is_native=is_native, use_head=use_head, **overrides)
@@ -50,9 +48,10 @@ class AIMv2Adapter(FamilyAdapter):
         if clip_model:
             text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                         max_position_embeddings=16, eos_token_id=2)
-            model = Aimv2Model(Aimv2Config(vision_config=vision, text_config=text, projection_dim=16))
+            model = require_transformers("Aimv2Model", self.name)(
+                require_transformers("Aimv2Config", self.name)(vision_config=vision, text_config=text, projection_dim=16))
         else:
-            model = Aimv2VisionModel(Aimv2VisionConfig(**vision))
+            model = require_transformers("Aimv2VisionModel", self.name)(require_transformers("Aimv2VisionConfig", self.name)(**vision))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if size == "tiny" or parameter.dim() == 1 or name.endswith("cls_token"):
@@ -63,43 +62,16 @@ class AIMv2Adapter(FamilyAdapter):
 
     def load_reference(self, ckpt, device, dtype) -> torch.nn.Module:
         """``Aimv2VisionModel`` with SDPA attention; the vision tower of an ``Aimv2Model`` checkpoint."""
-        from transformers import Aimv2Model, Aimv2VisionModel
-
         model_type = json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
         if model_type == "aimv2":
-            model = Aimv2Model.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype).vision_model
+            model = reference_from_pretrained(require_transformers("Aimv2Model", self.name), ckpt, dtype).vision_model
         else:
-            model = Aimv2VisionModel.from_pretrained(ckpt, attn_implementation="sdpa", dtype=dtype)
+            model = reference_from_pretrained(require_transformers("Aimv2VisionModel", self.name), ckpt, dtype)
         return model.to(device).eval()
-
-    def load_packed(self, ckpt, device, dtype) -> torch.nn.Module:
-        from ..models.aimv2 import AIMv2Packing
-
-        model = AIMv2Packing.from_pretrained(ckpt, device=device, dtype=dtype)
-        self._fixed_image_size = None if model.config.is_native else model.config.image_size
-        return model
-
-    def patch_size(self, model: torch.nn.Module) -> int:
-        return int(model.config.patch_size)
-
-    def preprocess(self, images: Sequence, **options) -> list[torch.Tensor]:
-        """``aimv2_pixels``. Without ``image_size``: the learned table's resolution of the packed
-        model loaded last, else 224; ``image_size=None`` gives native resolution."""
-        from ..preprocess.aimv2 import aimv2_pixels
-
-        options.setdefault("image_size", getattr(self, "_fixed_image_size", None) or 224)
-        return aimv2_pixels(images, **options)
 
     def run_reference(self, model, items: Sequence[torch.Tensor], batch_size: int) -> list[ItemOutput]:
         """Items grouped by size into dense batches of at most ``batch_size``."""
         return self.run_dense_groups(model, [_as_image(item) for item in items], batch_size)
-
-    def run_packed(self, model, items: Sequence[torch.Tensor]) -> list[ItemOutput]:
-        patches, grid_thw = self.pack(items, self.patch_size(model))
-        result = model(patches, grid_thw, return_dict=True)
-        tokens = torch.split(result.last_hidden_state, grid_thw.prod(dim=1).tolist())
-        pooled = result.pooler_output
-        return [ItemOutput(t, pooled[i] if pooled is not None else None) for i, t in enumerate(tokens)]
 
 
 def _as_image(item: torch.Tensor) -> torch.Tensor:
