@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import packvit
-from packvit.models.aimv2 import AIMv2Config, AIMv2Packing, sincos_position_embedding
-from packvit.packing import patchify, token_positions
-from packvit.reference.aimv2 import ADAPTER, TINY
+from packvit.models.aimv2 import AIMv2Config, AIMv2Packing
+from packvit.packing import patchify
+from packvit.positions import sincos_2d
+from packvit.harness.aimv2 import ADAPTER, TINY
 from family_helpers import load_model_pairs, max_diffs, write_variant_checkpoints
 
 ATOL = 1e-5
@@ -115,12 +116,11 @@ def test_sincos_table_is_the_reference_layout():
 
     for height, width, dim in ((3, 5, 48), (7, 2, 64), (1, 1, 16)):
         grid = torch.tensor([[1, height, width]])
-        positions = token_positions(grid)
         for dtype in (torch.float32, torch.bfloat16):
             reference = build_2d_sinusoidal_position_embedding(height, width, dim, dtype=dtype)
             half = dim // 2
             reference = torch.cat([reference[:, half:], reference[:, :half]], dim=1)  # the reference's swap
-            ours = sincos_position_embedding(positions[:, 1], positions[:, 2], dim, dtype)
+            ours = sincos_2d(grid, dim, dtype, torch.device("cpu"))
             assert torch.equal(ours, reference)
         # effective layout: [sin(c w) | cos(c w) | sin(r w) | cos(r w)]
         quarter = dim // 4
@@ -138,7 +138,8 @@ def test_learned_table_rejects_other_grids(models):
 
 
 def test_interpolated_table_matches_reference_built_at_that_size(models, tmp_path):
-    """interpolate_pos_encoding=True equals a reference model whose table was resized bicubically."""
+    """interpolate_pos_encoding=True equals a reference model whose table was resized as timm's
+    resample_abs_pos_embed does (bicubic, antialiased)."""
     from transformers import Aimv2VisionModel
 
     reference_model, packed_model = models["learned_head"]
@@ -149,7 +150,7 @@ def test_interpolated_table_matches_reference_built_at_that_size(models, tmp_pat
     table = reference_model.embeddings.position_embedding.weight  # [16, D]
     for side in (6, 3):  # upsampling, and shrinking (antialiased)
         resized = F.interpolate(table.reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(side, side), mode="bicubic",
-                                align_corners=False, antialias=side < 4)
+                                align_corners=False, antialias=True)
         config = reference_model.config.to_dict() | {"image_size": side * PATCH}
         resized_model = Aimv2VisionModel(type(reference_model.config)(**{k: v for k, v in config.items() if k != "transformers_version"}))
         state = reference_model.state_dict() | {"embeddings.position_embedding.weight": resized.permute(0, 2, 3, 1).reshape(side * side, -1)}
@@ -199,22 +200,27 @@ def test_checkpoint_that_is_not_aimv2(tmp_path):
 
     SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, image_size=32, patch_size=16)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'siglip_vision_model', not an AIMv2 checkpoint"):
+    with pytest.raises(ValueError, match="model_type 'siglip_vision_model', which AIMv2Config does not read"):
         AIMv2Packing(ckpt=tmp_path, device="cpu")
 
 
-def test_head_requested_without_weights_gives_no_pooler(checkpoints, tmp_path):
-    """Plain checkpoints whose config keeps use_head=True but ship no head weights load without a head."""
+def test_loading_never_changes_the_architecture(checkpoints, tmp_path):
+    """A config asking for a head whose weights the checkpoint lacks is refused (not loaded headless),
+    and so are head weights the config does not use; use_head=False as an override loads it."""
     source = checkpoints["native"]
     for file in source.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["use_head"] is False
     (tmp_path / "config.json").write_text(json.dumps(config | {"use_head": True}))
-    model = AIMv2Packing(ckpt=tmp_path, device="cpu")
-    assert model.head is None
+    with pytest.raises(ValueError, match=r"missing \['head\..*never drops or adds modules"):
+        AIMv2Packing(ckpt=tmp_path, device="cpu")
+    model = AIMv2Packing(ckpt=tmp_path, device="cpu", use_head=False)
+    assert model.head is None and model.config.use_head is False
     out = model(*patchify(items_for([(2, 2)]), PATCH), return_dict=True)
     assert out.pooler_output is None
+    with pytest.raises(ValueError, match=r"unexpected \['head\."):
+        AIMv2Packing(ckpt=checkpoints["native_head"], device="cpu", use_head=False)
 
 
 def test_learned_config_without_table_is_rejected(checkpoints, tmp_path):
@@ -223,7 +229,7 @@ def test_learned_config_without_table_is_rejected(checkpoints, tmp_path):
         (tmp_path / file.name).write_bytes(file.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"is_native": False}))
-    with pytest.raises(ValueError, match="no embeddings.position_embedding.weight"):
+    with pytest.raises(ValueError, match=r"missing \['embeddings.position_embedding.weight'\]"):
         AIMv2Packing(ckpt=tmp_path, device="cpu")
 
 
@@ -239,20 +245,11 @@ def test_full_size_config_matches_the_native_checkpoint(tmp_path):
     """write_random_checkpoint(size="full") describes apple/aimv2-large-patch14-native (config only)."""
     from transformers import Aimv2VisionConfig
 
-    from packvit.reference.aimv2 import FULL
+    from packvit.harness.aimv2 import FULL
 
     config = AIMv2Packing.config_from_dict(Aimv2VisionConfig(**FULL, is_native=True, use_head=False).to_dict())
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (1024, 24, 8, 2816)
     assert config.hidden_size // config.num_attention_heads == 128 and config.patch_size == 14 and config.is_native
-
-
-def test_patch_rows_and_columns_match_token_positions():
-    from packvit.models.aimv2 import patch_rows_and_columns
-
-    grid = torch.tensor([[1, 3, 5], [1, 1, 1], [1, 7, 2], [1, 4, 4]])
-    rows, cols = patch_rows_and_columns(grid)
-    positions = token_positions(grid)
-    assert torch.equal(rows, positions[:, 1]) and torch.equal(cols, positions[:, 2])
 
 
 def test_incomplete_checkpoint_names_the_missing_tensor(tmp_path):
@@ -264,7 +261,7 @@ def test_incomplete_checkpoint_names_the_missing_tensor(tmp_path):
     missing = next(key for key in state if key.endswith("attention.k_proj.weight"))
     del state[missing]
     save_file(state, str(file))
-    with pytest.raises(ValueError, match=f"has no tensor .*{missing.split('.')[-3]}"):
+    with pytest.raises(ValueError, match=r"missing \['blocks\.\d+\.attn\.qkv\.weight'\]"):
         AIMv2Packing(ckpt=directory, device="cpu")
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from packvit.reference import get_adapter
+from packvit.harness import get_adapter
 
 
 def test_compiled_layers_match_eager_without_recompiling(tmp_path):
@@ -12,16 +12,15 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
     dynamo_counters.clear()
     adapter = get_adapter("dinov3")
     model = adapter.load_packed(adapter.write_random_checkpoint(tmp_path, "tiny"), torch.device("cpu"), torch.float32)
-    patch_size = adapter.patch_size(model)
     generator = torch.Generator().manual_seed(0)
     graphs_after_first_pack = None
     for grids in ([(3, 4), (5, 2)], [(1, 1), (7, 3), (2, 9)], [(6, 6)]):
-        patches, grid_thw = adapter.pack(adapter.random_items(grids, patch_size, generator), patch_size)
+        batch = adapter.pack(adapter.random_items(grids, model.patch_size, generator), model)
         with torch.inference_mode():
             model.compile_layers = False
-            eager = model(patches, grid_thw, return_dict=True)
+            eager = model(batch)
             model.compile_layers = True
-            compiled = model(patches, grid_thw, return_dict=True)
+            compiled = model(batch)
         assert (compiled.last_hidden_state - eager.last_hidden_state).abs().max() <= 1e-5
         assert (compiled.pooler_output - eager.pooler_output).abs().max() <= 1e-5
         if graphs_after_first_pack is None:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import packvit
 from packvit.models.dinov3 import DINOv3Config, DINOv3ViTPacking, DINOV3_RELEASES
 from packvit.packing import patchify
-from packvit.reference.dinov3 import ADAPTER, reference_config
-from packvit.rope import apply_dinov3_rope, dinov3_inv_freq, dinov3_patch_coordinates, dinov3_rope_cos_sin
+from packvit.harness.dinov3 import ADAPTER, reference_config
+from packvit.positions import RotaryTable, normalized_patch_centres, rope_2d_cos_sin, rope_2d_inv_freq
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.dinov3_vit import modeling_dinov3_vit as hf_dinov3  # noqa: E402
@@ -74,7 +74,7 @@ def test_native_resolution_photographs_packed_together(gelu_checkpoint):
     skimage_data = pytest.importorskip("skimage.data")
     photographs = [skimage_data.chelsea(), skimage_data.page(), skimage_data.astronaut(),
                    skimage_data.hubble_deep_field(), skimage_data.coffee()]
-    items = ADAPTER.preprocess(photographs, mode="native", max_num_patches=48)
+    items = ADAPTER.preprocess(gelu_checkpoint, photographs, native=True, max_num_patches=48)
     # four sizes; chelsea and coffee share an aspect ratio, so one size, one dense reference batch
     assert len({tuple(item.shape) for item in items}) == 4
     reference = ADAPTER.load_reference(gelu_checkpoint, "cpu", torch.float32)
@@ -89,7 +89,7 @@ def test_adapter_takes_one_frame_items_and_refuses_videos(gelu_checkpoint):
     items = [item.unsqueeze(0) for item in random_items([(2, 3), (1, 1)], seed=4)]  # [1, 3, H, W] each
     tokens, pooled = max_diffs(ADAPTER.run_reference(reference, items, 2), ADAPTER.run_packed(packed, items))
     assert tokens <= TOLERANCE and pooled <= TOLERANCE, (tokens, pooled)
-    with pytest.raises(ValueError, match="DINOv3 takes images, got a video item of 2 frames"):
+    with pytest.raises(ValueError, match="every grid_thw row needs t = 1, got \\[2, 2, 2\\].*frames_as_items"):
         ADAPTER.run_packed(packed, random_items([(2, 2, 2)]))
 
 
@@ -106,23 +106,27 @@ def test_default_return_and_output_fields(gelu_checkpoint):
     assert output.hidden_states is None
 
 
-def test_hidden_states_hold_the_packed_sequence(gelu_checkpoint):
+def test_hidden_states_split_into_patch_and_prefix_tokens(gelu_checkpoint):
+    """hidden_states hold the patch tokens of every entry, prefix_hidden_states the CLS and
+    registers: together each item's reference sequence [CLS, registers, patches]."""
     reference = ADAPTER.load_reference(gelu_checkpoint, "cpu", torch.float32)
     model = DINOv3ViTPacking(ckpt=gelu_checkpoint, device="cpu")
-    items = random_items([(3, 2), (1, 1), (2, 4)], seed=1)
+    grids = [(3, 2), (1, 1), (2, 4)]
+    items = random_items(grids, seed=1)
     patches, grid_thw = patchify(items, 16)
     with torch.no_grad():
         output = model(patches, grid_thw, return_dict=True, output_hidden_states=True)
         ref_states = [reference(pixel_values=item[None], output_hidden_states=True).hidden_states for item in items]
     assert len(output.hidden_states) == reference.config.num_hidden_layers + 1 == len(ref_states[0])
-    segment_lengths = [5 + h * w for h, w in [(3, 2), (1, 1), (2, 4)]]
-    for depth, state in enumerate(output.hidden_states):
-        assert state.shape == (sum(segment_lengths), 48)
-        for segment, ref in zip(torch.split(state, segment_lengths), ref_states):
-            assert (segment - ref[depth][0]).abs().max().item() <= TOLERANCE
+    assert len(output.prefix_hidden_states) == len(output.hidden_states)
+    counts = [h * w for h, w in grids]
+    for depth, (state, prefix) in enumerate(zip(output.hidden_states, output.prefix_hidden_states)):
+        assert state.shape == (sum(counts), 48) and prefix.shape == (3, 5, 48)
+        for i, (patch_state, ref) in enumerate(zip(torch.split(state, counts), ref_states)):
+            assert (torch.cat([prefix[i], patch_state]) - ref[depth][0]).abs().max().item() <= TOLERANCE
     # the last state is the sequence before the final norm
-    segments = torch.split(model.norm(output.hidden_states[-1]), segment_lengths)
-    assert torch.allclose(torch.cat([s[5:] for s in segments]), output.last_hidden_state, atol=1e-6)
+    assert torch.allclose(model.final_norm(output.hidden_states[-1]), output.last_hidden_state, atol=1e-6)
+    assert torch.allclose(model.final_norm(output.prefix_hidden_states[-1]), output.prefix_tokens, atol=1e-6)
 
 
 def test_training_mode_never_augments(gelu_checkpoint):
@@ -189,18 +193,18 @@ def test_release_configs_read_back_from_transformers(name):
 def test_rope_tables_equal_the_reference(grid):
     config = reference_config("tiny")
     head_dim = config.hidden_size // config.num_attention_heads
-    coordinates = dinov3_patch_coordinates(torch.tensor([grid]))
+    coordinates = normalized_patch_centres(torch.tensor([[1, *grid]]))
     expected = hf_dinov3.get_patches_center_coordinates(*grid, dtype=torch.float32, device=torch.device("cpu"))
     assert torch.equal(coordinates, expected)
     rope = hf_dinov3.DINOv3ViTRopePositionEmbedding(config).eval()
-    assert torch.equal(rope.inv_freq, dinov3_inv_freq(head_dim, config.rope_theta))
+    assert torch.equal(rope.inv_freq, rope_2d_inv_freq(head_dim, config.rope_theta))
     ref_cos, ref_sin = rope(torch.zeros(1, 3, grid[0] * 16, grid[1] * 16))
-    cos, sin = dinov3_rope_cos_sin(coordinates, rope.inv_freq, torch.float32)
+    cos, sin = rope_2d_cos_sin(coordinates, head_dim, config.rope_theta, torch.float32)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
 
 def test_rope_coordinates_are_per_image_in_a_pack():
-    coordinates = dinov3_patch_coordinates(torch.tensor([[2, 3], [1, 1], [3, 2]]))
+    coordinates = normalized_patch_centres(torch.tensor([[1, 2, 3], [1, 1, 1], [1, 3, 2]]))
     assert coordinates.shape == (13, 2)
     assert coordinates[6].tolist() == [0.0, 0.0]  # the 1×1 image: its single centre
     expected = torch.cat([hf_dinov3.get_patches_center_coordinates(h, w, torch.float32, torch.device("cpu"))
@@ -210,9 +214,9 @@ def test_rope_coordinates_are_per_image_in_a_pack():
 
 def test_identity_rope_rows_leave_prefix_tokens_unchanged():
     q, k = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    cos, sin = dinov3_rope_cos_sin(torch.rand(4, 2) * 2 - 1, dinov3_inv_freq(8, 100.0), torch.float32)
+    cos, sin = rope_2d_cos_sin(torch.rand(4, 2) * 2 - 1, 8, 100.0, torch.float32)
     cos[:2], sin[:2] = 1.0, 0.0
-    q_out, k_out = apply_dinov3_rope(q, k, cos, sin)
+    q_out, k_out = RotaryTable(cos, sin, "half").apply(q, k)
     assert torch.equal(q_out[:2], q[:2]) and torch.equal(k_out[:2], k[:2])
     assert not torch.allclose(q_out[2:], q[2:])
 
@@ -246,16 +250,16 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=64, image_size=32, patch_size=16))
     vit.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a DINOv3 ViT: config.json has model_type 'vit'"):
+    with pytest.raises(ValueError, match="model_type 'vit', which DINOv3Config does not read"):
         DINOv3ViTPacking(ckpt=tmp_path)
 
 
 def test_dinov3_convnext_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov3_convnext"}))
-    with pytest.raises(ValueError, match="DINOv3 ConvNeXt"):
-        DINOv3ViTPacking(ckpt=tmp_path)
+    with pytest.raises(ValueError, match="DINOv3 ConvNeXt is not a vision transformer"):
+        packvit.from_pretrained(tmp_path)
 
 
 def test_head_dim_without_rope_frequencies_is_refused():
-    with pytest.raises(ValueError, match="head_dim that is a multiple of 4"):
+    with pytest.raises(ValueError, match="head_dim that is a positive multiple of 4"):
         DINOv3Config.from_dict({"model_type": "dinov3_vit", "hidden_size": 36, "num_attention_heads": 2})

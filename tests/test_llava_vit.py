@@ -12,22 +12,22 @@ import pytest
 import torch
 
 import packvit
+from packvit.harness.llava_vit import ADAPTER, TINY
+from packvit.harness.llava_vit_reference import LlavaViTModel, _apply_rope, _rope_freqs
 from packvit.models.llava_vit import (
     LLAVA_VIT_SIZES,
     LlavaViTConfig,
-    LlavaViTModel,
     LlavaViTPackingConfig,
     LlavaViTPackingModel,
-    _apply_standard_rope,
-    _standard_rope_freqs,
     llava_vit_packing_config,
-    register_timm_models,
-    timeline_positions,
-    timeline_slots,
 )
 from packvit.packing import patchify
-from packvit.reference.llava_vit import ADAPTER, TINY
-from packvit.rope import apply_onevision_rope, onevision_rope_axis_widths, onevision_rope_cos_sin
+from packvit.positions import RotaryTable, rope_3d_axis_widths, rope_3d_cos_sin
+from packvit.preprocess.llava_vit import timeline_positions, timeline_slots
+
+
+def apply_onevision_rope(x, cos, sin):
+    return RotaryTable(cos, sin, "interleaved").apply(x, x)[0]
 from family_helpers import load_model_pairs, write_variant_checkpoints
 
 ATOL = 1e-5
@@ -110,33 +110,33 @@ def test_rope_matches_formula(head_dim):
     positions = torch.tensor([[0, 0, 0], [0, 3, 5], [7, 1, 2], [63, 15, 15], [21, 30, 2]])
     x = torch.randn(len(positions), 2, head_dim, generator=generator)
     expected = rope_by_formula(x, positions, 10000.0)
-    cos, sin = onevision_rope_cos_sin(positions, head_dim, 10000.0)
+    cos, sin = rope_3d_cos_sin(positions, head_dim, 10000.0)
     packed = apply_onevision_rope(x, cos, sin)
     # the standard model's own implementation: [B, H, L, hd] with freqs [B, L, hd/2]
-    standard_out = _apply_standard_rope(x.transpose(0, 1)[None], _standard_rope_freqs(positions[None], head_dim, 10000.0))
+    standard_out = _apply_rope(x.transpose(0, 1)[None], _rope_freqs(positions[None], head_dim, 10000.0))
     assert (packed.double() - expected).abs().max().item() < 1e-5
     assert (standard_out[0].transpose(0, 1).double() - expected).abs().max().item() < 1e-5
 
 
 def test_rope_layout_facts():
-    assert onevision_rope_axis_widths(64) == (8, 12, 12)
-    assert onevision_rope_axis_widths(96) == (12, 18, 18)
+    assert rope_3d_axis_widths(64) == (8, 12, 12)
+    assert rope_3d_axis_widths(96) == (12, 18, 18)
     x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(0))
     # images (t = 0): the temporal dimensions 0-7 and 32-39 are exactly the identity
-    cos, sin = onevision_rope_cos_sin(torch.tensor([[0, 4, 9], [0, 0, 1], [0, 12, 3]]), 64, 10000.0)
+    cos, sin = rope_3d_cos_sin(torch.tensor([[0, 4, 9], [0, 0, 1], [0, 12, 3]]), 64, 10000.0)
     out = apply_onevision_rope(x, cos, sin)
     temporal = list(range(8)) + list(range(32, 40))
     assert torch.equal(out[..., temporal], x[..., temporal])
     assert not torch.allclose(out, x)
     # two angles per pair: not a rotation, so norms change
-    cos, sin = onevision_rope_cos_sin(torch.tensor([[5, 9, 11]] * 3), 64, 10000.0)
+    cos, sin = rope_3d_cos_sin(torch.tensor([[5, 9, 11]] * 3), 64, 10000.0)
     out = apply_onevision_rope(x, cos, sin)
     assert (out.norm(dim=-1) - x.norm(dim=-1)).abs().max().item() > 1e-3
 
 
 def test_rope_bf16_computes_in_float32():
     x = torch.randn(4, 2, 64, generator=torch.Generator().manual_seed(1))
-    cos, sin = onevision_rope_cos_sin(torch.tensor([[40, 31, 30]] * 4), 64, 10000.0)
+    cos, sin = rope_3d_cos_sin(torch.tensor([[40, 31, 30]] * 4), 64, 10000.0)
     out = apply_onevision_rope(x.bfloat16(), cos, sin)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, apply_onevision_rope(x.bfloat16().float(), cos, sin).bfloat16())
@@ -229,8 +229,9 @@ def test_hidden_states_meaning(models):
     _, packed = models["ln_head"]
     patches, grid_thw = patchify(items_for([(3, 3)]), PATCH, layout="cpp")
     out = packed(patches, grid_thw, output_hidden_states=True)
-    assert torch.allclose(out.hidden_states[0], packed.layernorm_pre(packed.patch_embed(patches)))
-    assert torch.allclose(out.last_hidden_state, packed.layernorm_post(out.hidden_states[-1]))
+    embeddings = packed.embeddings
+    assert torch.allclose(out.hidden_states[0], embeddings.layernorm_pre(embeddings.patch_embed(patches)))
+    assert torch.allclose(out.last_hidden_state, packed.final_norm(out.hidden_states[-1]))
     assert not torch.allclose(out.last_hidden_state, out.hidden_states[-1])
     as_tuple = packed(patches, grid_thw, return_dict=False)
     assert torch.equal(as_tuple[0], out.last_hidden_state)
@@ -348,14 +349,14 @@ EXPECTED_SIZES = {
 def check_model_size(model, size):
     hidden, layers, heads, mlp, patch = EXPECTED_SIZES[size]
     assert isinstance(model, LlavaViTPackingModel)
-    assert model.config.num_attention_heads == heads and model.head_dim == hidden // heads
-    assert model.patch_embed.proj.weight.shape == (hidden, 3, patch, patch)
-    assert len(model.encoder.layers) == layers
-    layer = model.encoder.layers[-1]
-    assert layer.self_attn.qkv.weight.shape == (3 * hidden, hidden)
+    assert model.config.num_attention_heads == heads and model.config.head_dim == hidden // heads
+    assert model.embeddings.patch_embed.weight.shape == (hidden, 3 * patch * patch)
+    assert len(model.blocks) == layers == model.num_hidden_layers
+    layer = model.blocks[-1]
+    assert layer.attn.qkv.weight.shape == (3 * hidden, hidden)
     assert layer.mlp.fc1.weight.shape == (mlp, hidden)
     assert model.head.mlp.fc2.weight.shape == (hidden, mlp)
-    assert isinstance(layer.layer_norm1, torch.nn.LayerNorm)
+    assert isinstance(layer.norm1, torch.nn.LayerNorm)
 
 
 @pytest.mark.parametrize("size", list(EXPECTED_SIZES))
@@ -374,13 +375,13 @@ def test_size_table_unknown_name():
 
 def test_timm_create_model():
     timm = pytest.importorskip("timm")
-    names = register_timm_models()
-    assert register_timm_models() == names  # registering twice is harmless
+    names = packvit.register_timm_models()
+    assert packvit.register_timm_models() == names  # registering twice is harmless
     for size in EXPECTED_SIZES:
         with torch.device("meta"):
             model = timm.create_model(f"hf_llava_vit_packing_{size}_ln")
         check_model_size(model, size)
     small = timm.create_model("hf_llava_vit_packing_small_ln", num_hidden_layers=1, use_head=False)
-    assert len(small.encoder.layers) == 1 and not hasattr(small, "head")
+    assert len(small.blocks) == 1 and small.head is None
     with pytest.raises(ValueError, match="has no timm weights"):
         timm.create_model("hf_llava_vit_packing_large_ln", pretrained=True)

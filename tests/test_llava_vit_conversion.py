@@ -15,17 +15,15 @@ from safetensors.torch import save_file
 from packvit.cli import main as packvit_main
 from packvit.convert import convert_llava_vit
 from packvit.models import llava_vit
+from packvit.harness.llava_vit_reference import LlavaViTModel
 from packvit.models.llava_vit import (
-    LlavaViTModel,
     LlavaViTPackingModel,
     checkpoint_layout,
     config_from_training_state,
-    map_published_to_packing,
-    map_training_to_packing,
     map_training_to_published,
 )
 from packvit.packing import patchify
-from packvit.reference.llava_vit import ADAPTER, TINY
+from packvit.harness.llava_vit import ADAPTER, TINY
 
 TOLERANCE = 1e-6  # converted against the packed model loaded from the source
 PARITY = 1e-5  # against the standard model
@@ -128,23 +126,21 @@ def test_training_safetensors_with_config(published, tmp_path):
     assert_converted(tmp_path / "packing", published)
 
 
-def test_mappings_agree(published):
-    """training → published → packing equals training → packing, key for key and value for value."""
+def test_training_mapping_inverts_to_the_published_layout(published):
+    """training → published gives back the published state dict, key for key and value for value."""
     state = LlavaViTModel.from_pretrained(published).state_dict()
-    training = to_training_layout(state)
-    assert map_training_to_published(training).keys() == state.keys()
-    via_published = map_published_to_packing(map_training_to_published(training))
-    direct = map_training_to_packing(training)
-    assert via_published.keys() == direct.keys()
-    assert all(torch.equal(via_published[key], direct[key]) for key in direct)
+    mapped = map_training_to_published(to_training_layout(state))
+    assert mapped.keys() == state.keys()
+    assert all(torch.equal(mapped[key], state[key]) for key in state)
 
 
 def test_verification_refuses_a_broken_mapping(published, tmp_path, monkeypatch):
     """A mapping that swaps q and k is caught before anything is written."""
+    original = LlavaViTPackingModel.map_checkpoint
 
-    def swapped(state):
-        state = map_training_to_packing(state)
-        for key in [k for k in state if k.endswith("self_attn.qkv.weight")]:
+    def swapped(self, state):
+        state = original(self, state)
+        for key in [k for k in state if k.endswith("attn.qkv.weight")]:
             q, k, v = state[key].chunk(3)
             state[key] = torch.cat([k, q, v])
         return state
@@ -152,7 +148,7 @@ def test_verification_refuses_a_broken_mapping(published, tmp_path, monkeypatch)
     training = tmp_path / "training"
     training.mkdir()
     torch.save(to_training_layout(LlavaViTModel.from_pretrained(published).state_dict()), training / "ckpt.pt")
-    monkeypatch.setattr(llava_vit, "map_training_to_packing", swapped)
+    monkeypatch.setattr(LlavaViTPackingModel, "map_checkpoint", swapped)
     with pytest.raises(ValueError, match="disagrees with the source checkpoint"):
         convert_llava_vit(training, tmp_path / "packing", source="training", num_attention_heads=TINY["num_attention_heads"])
     assert not (tmp_path / "packing").exists()
@@ -174,7 +170,7 @@ def test_training_config_from_a_named_size():
 
 def test_hub_style_published_checkpoint(published, tmp_path):
     """A config.json as on the hub (remote-code auto_map, OneVisionEncoderModel, bf16) with bf16 weights:
-    loads in its own dtype, and converts to a bf16 packing checkpoint with the same values."""
+    loads in bf16 with the same values, and converts to a bf16 packing checkpoint."""
     from safetensors.torch import load_file
 
     config = json.loads((published / "config.json").read_text())
@@ -186,11 +182,37 @@ def test_hub_style_published_checkpoint(published, tmp_path):
     (source / "config.json").write_text(json.dumps(config))
     state = {k: v.bfloat16() for k, v in load_file(str(published / "model.safetensors")).items()}
     save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
-    packed = LlavaViTPackingModel.from_pretrained(source)
+    packed = LlavaViTPackingModel.from_pretrained(source, dtype=torch.bfloat16)
     assert packed.dtype == torch.bfloat16
-    assert torch.equal(packed.encoder.layers[0].self_attn.qkv.weight,
+    assert torch.equal(packed.blocks[0].attn.qkv.weight,
                        torch.cat([state[f"encoder.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"]))
     convert_llava_vit(source, tmp_path / "packing")
-    converted = LlavaViTPackingModel.from_pretrained(tmp_path / "packing")
-    assert converted.dtype == torch.bfloat16
+    with safe_open(str(tmp_path / "packing" / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("encoder.layers.0.self_attn.qkv.weight").dtype == torch.bfloat16
+    converted = LlavaViTPackingModel.from_pretrained(tmp_path / "packing", dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), packed.state_dict().values()))
+
+
+def test_conversion_errors_name_the_problem(published, tmp_path, capsys):
+    existing_file = tmp_path / "file.bin"
+    existing_file.write_bytes(b"x")
+    with pytest.raises(ValueError, match="--dst .*file.bin is a file"):
+        convert_llava_vit(published, existing_file)
+    assert existing_file.read_bytes() == b"x"
+    with pytest.raises(ValueError, match="holds the published layout, not the training one; pass --from published"):
+        convert_llava_vit(published, tmp_path / "out", source="training")
+    with pytest.raises(ValueError, match="does not exist"):
+        convert_llava_vit(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "siglip2").mkdir()
+    (tmp_path / "siglip2" / "config.json").write_text(json.dumps({"model_type": "siglip2_vision_model"}))
+    with pytest.raises(ValueError, match="is a siglip2 checkpoint; `packvit convert llava-vit` converts OneVision"):
+        convert_llava_vit(tmp_path / "siglip2", tmp_path / "out")
+    convert_llava_vit(published, tmp_path / "done")
+    with pytest.raises(ValueError, match="is not empty.*--overwrite"):
+        convert_llava_vit(published, tmp_path / "done")
+    convert_llava_vit(published, tmp_path / "done", overwrite=True)
+    # through the command: an error line and exit status 2, no traceback, nothing printed as converted
+    code = packvit_main(["convert", "llava-vit", "--src", str(published), "--dst", str(existing_file)])
+    captured = capsys.readouterr()
+    assert code == 2 and "converted" not in captured.out
+    assert captured.err.startswith("packvit convert: error: --dst")

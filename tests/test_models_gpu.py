@@ -15,7 +15,8 @@ import torch
 
 from packvit.bench import workload_grids
 from packvit.metrics import compute_similarity_metrics
-from packvit.reference import FAMILIES, get_adapter
+from packvit.packing import PackedBatch
+from packvit.harness import FAMILIES, get_adapter
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -69,7 +70,7 @@ def test_full_size_parity(family, checkpoint_root):
             grids = workload_grids(workload, family)
             if dtype == torch.float32:
                 grids = grids[:FLOAT32_ITEMS]
-            items = [x.to(device, dtype) for x in adapter.random_items(grids, adapter.patch_size(packed), torch.Generator().manual_seed(0))]
+            items = [x.to(device, dtype) for x in adapter.random_items(grids, packed.patch_size, torch.Generator().manual_seed(0))]
             with torch.inference_mode():
                 ref_out = adapter.run_reference(reference, items, 32)
                 packed_out = adapter.run_packed(packed, items)
@@ -101,16 +102,16 @@ def test_forward_makes_no_host_sync(family, compile_layers, checkpoint_root):
     packed = adapter.load_packed(ckpt, torch.device("cuda"), torch.bfloat16)
     packed.compile_layers = compile_layers
     grids = workload_grids("mixed", family, 16)
-    items = [x.cuda().bfloat16() for x in adapter.random_items(grids, adapter.patch_size(packed), torch.Generator().manual_seed(1))]
-    patches, grid_thw = adapter.pack(items, adapter.patch_size(packed))
-    assert grid_thw.device.type == "cpu"
+    items = [x.cuda().bfloat16() for x in adapter.random_items(grids, packed.patch_size, torch.Generator().manual_seed(1))]
+    batch = adapter.pack(items, packed)
+    assert batch.grid_thw.device.type == "cpu"
     with torch.inference_mode():
-        packed(patches, grid_thw, return_dict=True)  # warm-up: compilation, kernel selection, pinned staging buffers
+        packed(batch)  # warm-up: compilation, kernel selection, pinned staging buffers
         adapter.run_packed(packed, items)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = packed(patches, grid_thw.clone(), return_dict=True)  # a fresh host grid: nothing cached on the old one
+            out = packed(PackedBatch(batch.patches, batch.grid_thw.clone(), batch.patch_layout))  # a fresh host grid
             per_item = adapter.run_packed(packed, items)
         finally:
             torch.cuda.set_sync_debug_mode(0)
@@ -127,8 +128,9 @@ def test_layers_compile_by_default_on_cuda_inference(checkpoint_root):
     for family in ("siglip2", "dinov3"):
         adapter = get_adapter(family)
         packed = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), device, torch.float32)
-        items = [x.to(device) for x in adapter.random_items([(1, 5, 7), (1, 3, 2)], adapter.patch_size(packed), torch.Generator().manual_seed(2))]
-        patches, grid_thw = adapter.pack(items, adapter.patch_size(packed))
+        items = [x.to(device) for x in adapter.random_items([(1, 5, 7), (1, 3, 2)], packed.patch_size, torch.Generator().manual_seed(2))]
+        batch = adapter.pack(items, packed)
+        patches, grid_thw = batch.patches, batch.grid_thw
         torch._dynamo.reset()
         dynamo_counters.clear()
         with torch.no_grad():

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import compute_similarity_metrics
-from .reference import FAMILIES, FamilyAdapter, ItemOutput, get_adapter
+from .harness import FAMILIES, FamilyAdapter, ItemOutput, get_adapter
 
-__all__ = ["ScenarioResult", "align_family", "add_arguments", "run", "main"]
+__all__ = ["ScenarioResult", "align_family", "positive_int", "add_arguments", "run", "main"]
 
 MIXED_GRIDS = ((1, 1), (1, 37), (23, 2), (16, 16), (7, 13), (30, 9))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -94,15 +94,17 @@ def _compare(family, precision, scenario, reference: list[ItemOutput], packed: l
                           passed=passed, criterion=criterion, **metrics)
 
 
-def _scenarios(adapter: FamilyAdapter, patch_size: int, args) -> list[tuple[str, list[torch.Tensor]]]:
+def _scenarios(adapter: FamilyAdapter, ckpt, patch_size: int, args) -> list[tuple[str, list[torch.Tensor]]]:
     generator = torch.Generator().manual_seed(0)
     scenarios = []
+    if args.image_size and min(args.image_size) < patch_size:
+        raise ValueError(f"--image_size {min(args.image_size)} is smaller than one {patch_size}-pixel patch of {adapter.name}")
     grids = [(s // patch_size, s // patch_size) for s in args.image_size] if args.image_size else adapter.default_grids
     for h, w in grids:
         scenarios.append((f"same-size {h}x{w} x{args.batch_size}", adapter.random_items([(h, w)] * args.batch_size, patch_size, generator)))
     scenarios.append(("mixed-resolution pack", adapter.random_items(MIXED_GRIDS, patch_size, generator)))
     if args.image_dir or args.use_real_images or (args.use_real_images is None and _has_skimage()):
-        scenarios.append(("real images", adapter.preprocess(_real_photographs(args.image_dir))))
+        scenarios.append(("real images", adapter.preprocess(ckpt, _real_photographs(args.image_dir))))
     rng = np.random.default_rng(0)
     random_grids = [tuple(int(x) for x in rng.integers(1, 41, size=2)) for _ in range(10)]
     scenarios.append(("ten random sizes", adapter.random_items(random_grids, patch_size, generator)))
@@ -128,8 +130,7 @@ def align_family(name: str, args) -> list[ScenarioResult]:
             reference = adapter.load_reference(ckpt, device, dtype)
             packed = adapter.load_packed(ckpt, device, dtype)
             packed.attention_backend = backend
-            patch_size = adapter.patch_size(packed)
-            for scenario, items in _scenarios(adapter, patch_size, args):
+            for scenario, items in _scenarios(adapter, ckpt, packed.patch_size, args):
                 items = [item.to(device=device, dtype=dtype) for item in items]
                 with torch.inference_mode():
                     ref_out = adapter.run_reference(reference, items, args.batch_size)
@@ -151,12 +152,23 @@ def _print_row(r: ScenarioResult) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", help=f"families to check (default: all of {', '.join(FAMILIES)})")
     parser.add_argument("--ckpt", help="checkpoint directory or hub id (default: a small random checkpoint written locally)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch_size", type=int, default=4, help="items per same-size scenario and per reference batch")
-    parser.add_argument("--image_size", type=int, nargs="*", help="pixel sides of the same-size scenarios (default: per family)")
+    parser.add_argument("--batch_size", type=positive_int, default=4, help="items per same-size scenario and per reference batch")
+    parser.add_argument("--image_size", type=positive_int, nargs="*", help="pixel sides of the same-size scenarios (default: per family)")
     parser.add_argument("--threshold", type=float, help="float32 pass bound on max |diff| (default 1e-5 small random, 1e-4 real checkpoints)")
     parser.add_argument("--cosine_threshold", type=float, default=0.999, help="bf16 pass bound on mean token and pooled cosine")
     parser.add_argument("--use_real_images", action=argparse.BooleanOptionalAction, default=None,

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .layers import FusedQKVSelfAttention, GatedMlp, Mlp, layers_compiled
-from .reference import FAMILIES, FamilyAdapter, get_adapter
+from .align import positive_int
+from .harness import FAMILIES, FamilyAdapter, get_adapter
+from .layers import GatedMlp, layers_compiled
 
 __all__ = ["WORKLOADS", "workload_grids", "forward_flops", "kernel_category", "BenchResult", "add_arguments", "run"]
 
@@ -51,39 +52,37 @@ def _naflex_grid(aspect: float, cap: int) -> tuple[int, int]:
 
 def workload_grids(workload: str, family: str, num_items: int | None = None) -> list[tuple[int, int, int]]:
     """The (t, h, w) grids of a workload, from ``numpy.random.default_rng(0)``."""
+    if num_items is not None and num_items < 1:
+        raise ValueError(f"a workload needs at least one item, got num_items={num_items}")
     rng = np.random.default_rng(0)
     if workload == "uniform":
         h, w = UNIFORM_GRIDS[family]
-        return [(1, h, w)] * (num_items or 512)
+        return [(1, h, w)] * (512 if num_items is None else num_items)
     if workload in ("mixed", "mixed-4k"):
-        count = num_items or (512 if workload == "mixed" else 256)
+        count = num_items if num_items is not None else (512 if workload == "mixed" else 256)
         low, high = (64, 1024) if workload == "mixed" else (256, 4096)
         aspects = np.exp(rng.uniform(math.log(1 / 3), math.log(3), count))
         caps = np.exp(rng.uniform(math.log(low), math.log(high), count)).astype(int)
         return [(1, *_naflex_grid(float(a), int(c))) for a, c in zip(aspects, caps)]
     if workload == "video":
-        return [(16, 16, 16)] * (num_items or 64)
+        return [(16, 16, 16)] * (64 if num_items is None else num_items)
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
 
 
 def _model_shape(model: torch.nn.Module) -> dict:
-    """Hidden size, MLP width, depth and MLP kind, read off the shared layers a model is built from."""
-    attentions = [m for m in model.modules() if isinstance(m, FusedQKVSelfAttention)]
-    mlps = [m for m in model.modules() if isinstance(m, (Mlp, GatedMlp))]
-    gated = isinstance(mlps[0], GatedMlp)
+    """Hidden size, MLP width, depth and MLP kind of a packed model."""
     return {
-        "hidden": attentions[0].qkv.in_features,
-        "mlp": mlps[0].down.in_features if gated else mlps[0].fc1.out_features,
-        "layers": len(attentions),
-        "gated": gated,
+        "hidden": model.hidden_size,
+        "mlp": model.config.intermediate_size,
+        "layers": model.num_hidden_layers,
+        "gated": isinstance(model.blocks[0].mlp, GatedMlp),
     }
 
 
 def _default_is_compiled(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether the model's default (``compile_layers=None``) runs its encoder layers compiled here."""
-    layer = next(m for m in model.modules() if any(isinstance(c, FusedQKVSelfAttention) for c in m.children()))
+    """Whether the model's default (``compile_layers=None``) runs its encoder blocks compiled here."""
     with torch.inference_mode():
-        return layers_compiled(None, layer, torch.empty(0, device=device))
+        return layers_compiled(None, model.blocks[0], torch.empty(0, device=device))
 
 
 def forward_flops(shape: dict, segment_lengths: list[int], patch_dim: int, num_patches: int) -> float:
@@ -228,9 +227,9 @@ def bench_family(family: str, adapter: FamilyAdapter, ckpt, workloads, args, dev
     reference = adapter.load_reference(ckpt, device, dtype)
     packed = adapter.load_packed(ckpt, device, dtype)
     packed.attention_backend = args.backend
-    patch_size = adapter.patch_size(packed)
+    patch_size = packed.patch_size
     shape = _model_shape(packed)
-    num_prefix = getattr(packed, "num_prefix_tokens", 0)
+    num_prefix = packed.num_prefix_tokens
     default_compiled = _default_is_compiled(packed, device)
     results = []
     for workload in workloads:
@@ -375,11 +374,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
                         help="video runs for llava_vit only")
-    parser.add_argument("--token_budget", type=int, default=32768, help="most tokens in one packvit pack")
-    parser.add_argument("--batch_size", type=int, default=32, help="items per baseline batch")
+    parser.add_argument("--token_budget", type=positive_int, default=32768, help="most tokens in one packvit pack")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="items per baseline batch")
     parser.add_argument("--backend", help="attention backend for packvit (default: automatic)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per figure (median reported)")
-    parser.add_argument("--items", type=int, help="items per workload (default: as BENCHMARKS.md defines)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes per figure (median reported)")
+    parser.add_argument("--items", type=positive_int, help="items per workload (default: as BENCHMARKS.md defines)")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
     parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

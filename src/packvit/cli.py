@@ -1,4 +1,8 @@
-"""The ``packvit`` command: ``info``, ``align``, ``bench`` and ``convert``."""
+"""The ``packvit`` command: ``info``, ``align``, ``bench``, ``convert`` and ``embed``.
+
+Bad arguments and inputs end with ``packvit <command>: error: <what is wrong and how to fix it>``
+and exit status 2, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def info_lines(head_dims=(64, 72, 128)) -> list[str]:
         f"packvit      {__version__}",
         f"python       {platform.python_version()}",
         f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"transformers {_version('transformers')}",
+        f"transformers {_version('transformers')} (needed by `packvit align` and the parity tests only)",
         f"flash-attn   {_version('flash-attn')}   flash-attn-3 {_version('flash_attn_3')}   flash-attn-4 {_version('flash-attn-4')}",
         f"timm         {_version('timm')}",
     ]
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="versions, device and attention backends usable here")
-    info.add_argument("--head_dim", type=int, nargs="+", default=[64, 72, 128])
+    info.add_argument("--head_dim", type=align.positive_int, nargs="+", default=[64, 72, 128])
     info.set_defaults(handler=_info)
 
     align_parser = commands.add_parser("align", help="parity of packed models against their references")
@@ -85,7 +89,11 @@ def main(argv=None) -> int:
     convert.add_convert_parser(commands)
 
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        print(f"packvit {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ SOURCES = ("published", "training")
 def read_training_state(src) -> dict[str, torch.Tensor]:
     """The state dict of a training checkpoint: a ``*.safetensors``/``*.pt``/``*.pth``/``*.bin`` file
     or a directory holding one; a ``state_dict``/``model`` wrapper and a ``module.`` prefix removed."""
-    from .models.base import read_state_dict
+    from .checkpoint import read_state_dict
 
     src = Path(src)
     if src.is_dir() and any(src.glob("*.safetensors")):
@@ -91,49 +91,81 @@ def verify_llava_vit(reference, packed, tolerance: float = 1e-4) -> dict[str, fl
     return figures
 
 
+def _check_source(src: Path, source: str) -> None:
+    """A clear error for a ``--src`` that does not exist, is of another family or of another layout."""
+    from .checkpoint import read_config_dict
+    from .models.llava_vit import checkpoint_layout
+    from .models.registry import family_of
+
+    if not src.exists():
+        raise ValueError(f"--src {src} does not exist")
+    if (src / "config.json").is_file():
+        family = family_of(read_config_dict(src), f"--src {src}")
+        if family != "llava_vit":
+            raise ValueError(
+                f"--src {src} is a {family} checkpoint; `packvit convert llava-vit` converts OneVision Encoder "
+                f"checkpoints, and {family} checkpoints load as they are with packvit.from_pretrained"
+            )
+    if src.is_dir() and any(src.glob("*.safetensors")):
+        layout = checkpoint_layout(src)
+        if layout == "packing":
+            raise ValueError(f"--src {src} is already in the packing format; load it with packvit.from_pretrained")
+        if layout != source:
+            raise ValueError(f"--src {src} holds the {layout} layout, not the {source} one; pass --from {layout}")
+
+
+def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"--dst {dst} is a file; pass a directory to write the converted checkpoint into")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError("--dst must differ from --src")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ValueError(f"--dst {dst} is not empty; choose an empty or new directory, or pass --overwrite")
+
+
 def convert_llava_vit(src, dst, source: str = "published", num_attention_heads: int | None = None,
-                      tolerance: float = 1e-4) -> dict[str, float]:
+                      tolerance: float = 1e-4, overwrite: bool = False) -> dict[str, float]:
     """Converts a OneVision Encoder checkpoint to the packing format in ``dst``; returns the
     verification figures. ``source``: ``"published"`` or ``"training"``; ``num_attention_heads``
     is needed for a training checkpoint whose shapes match no named size and that has no config.json."""
-    from .models.base import read_config_dict
+    from .checkpoint import read_config_dict, read_state_dict
+    from .harness.llava_vit_reference import LlavaViTModel
     from .models.llava_vit import (
-        LlavaViTConfig,
-        LlavaViTModel,
-        LlavaViTPackingModel,
-        config_fields,
-        config_from_training_state,
-        map_training_to_packing,
-        map_training_to_published,
+        LlavaViTConfig, LlavaViTPackingConfig, LlavaViTPackingModel, config_from_training_state, map_training_to_published,
     )
 
     src, dst = Path(src), Path(dst)
     if source not in SOURCES:
         raise ValueError(f"--from must be one of {SOURCES}, got {source!r}")
-    if dst.resolve() == src.resolve():
-        raise ValueError("--dst must differ from --src")
+    _check_source(src, source)
+    _check_destination(dst, src, overwrite)
     if source == "published":
         reference = LlavaViTModel.from_pretrained(src, dtype=torch.float32)
-        packed = LlavaViTPackingModel.from_published(src)
+        packed = LlavaViTPackingModel.from_pretrained(src, device="cpu", dtype=torch.float32)
+        save_dtype = next(iter(read_state_dict(src).values())).dtype  # the converted checkpoint keeps the source's dtype
     else:
         state = read_training_state(src)
-        overrides = config_fields(read_config_dict(src)) if (src / "config.json").is_file() else {}
+        overrides = {}
+        if (src / "config.json").is_file():
+            overrides = {key: value for key, value in read_config_dict(src).items()
+                         if key in LlavaViTPackingConfig.__dataclass_fields__}
         if num_attention_heads is not None:
             overrides["num_attention_heads"] = num_attention_heads
         config = config_from_training_state(state, **overrides)
-        reference = LlavaViTModel(LlavaViTConfig(**config_fields(config.to_dict(), packing=False)))
-        reference.load_state_dict(map_training_to_published(state), strict=True)
-        packed = LlavaViTPackingModel(config)
-        packed.load_state_dict(map_training_to_packing(state), strict=True)
-        packed.to(next(iter(state.values())).dtype)
-    save_dtype = packed.dtype
+        published = map_training_to_published(state)
+        reference = LlavaViTModel(LlavaViTConfig(**{key: value for key, value in config.to_dict().items()
+                                                    if key in LlavaViTConfig.__dataclass_fields__}))
+        reference.load_state_dict(published, strict=True)
+        packed = LlavaViTPackingModel(config, device="cpu", dtype=torch.float32)
+        packed._load_mapped_state(packed.map_checkpoint(published), src)
+        save_dtype = next(iter(state.values())).dtype
     figures = verify_llava_vit(reference, packed, tolerance)
     packed.to(save_dtype).save_pretrained(dst)
     return figures
 
 
 def _run_llava_vit(args) -> int:
-    figures = convert_llava_vit(args.src, args.dst, args.source, args.num_attention_heads, args.tolerance)
+    figures = convert_llava_vit(args.src, args.dst, args.source, args.num_attention_heads, args.tolerance, args.overwrite)
     print(json.dumps({"converted": str(args.dst), "from": args.source, **figures}, indent=2))
     return 0
 
@@ -151,5 +183,6 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                            help="head count of a training checkpoint that shapes and config.json cannot tell")
     llava_vit.add_argument("--tolerance", type=float, default=1e-4,
                            help="largest relative error between source and converted model accepted before saving")
+    llava_vit.add_argument("--overwrite", action="store_true", help="write into a --dst that is not empty")
     llava_vit.set_defaults(handler=_run_llava_vit)
     return convert

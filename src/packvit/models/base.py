@@ -194,6 +194,8 @@ class PackedVisionModel(nn.Module):
             with torch.device("meta"):
                 self.build(config)
             self._load_mapped_state(state, ckpt)
+        if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
+            device = self.device
         device = default_device(device)
         self.to(device=device, dtype=default_dtype(device, dtype))
         self.eval()

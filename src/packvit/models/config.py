@@ -66,8 +66,8 @@ class VisionConfig:
         model_type = config_dict.get("model_type")
         if model_type not in cls.model_types:
             raise ValueError(
-                f"config.json has model_type {model_type!r}, not a {cls.__name__} checkpoint (expected one of "
-                f"{cls.model_types}); load it with packvit.from_pretrained, which picks the family"
+                f"config.json has model_type {model_type!r}, which {cls.__name__} does not read (it reads "
+                f"{cls.model_types}); packvit.from_pretrained picks the family of any supported checkpoint"
             )
         if model_type in cls.composite_types:
             vision = config_dict.get("vision_config")

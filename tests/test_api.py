@@ -1,0 +1,151 @@
+"""The one model API: from_pretrained → load_processor → model(batch), the same for every family;
+the attributes every model exposes; metadata reuse and hidden-layer selection; saving; and the
+errors of loading."""
+
+import json
+
+import pytest
+import torch
+
+import packvit
+from packvit.harness import FAMILIES, get_adapter
+from packvit.models.base import PackedVisionOutput
+from packvit.packing import PackedBatch, patchify
+
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A small random checkpoint per family (the references need transformers, except OneVision's)."""
+    paths = {}
+    for family in FAMILIES:
+        try:
+            paths[family] = get_adapter(family).write_random_checkpoint(tmp_path_factory.mktemp(family), size="tiny", seed=1)
+        except ValueError as error:  # a reference transformers does not have
+            paths[family] = error
+    return paths
+
+
+def checkpoint(checkpoints, family):
+    path = checkpoints[family]
+    if isinstance(path, Exception):
+        pytest.skip(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos():
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    return [Image.fromarray(getattr(data, name)()) for name in PHOTOS]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_path_for_every_family(checkpoints, photos, family):
+    ckpt = checkpoint(checkpoints, family)
+    model = packvit.from_pretrained(ckpt, device="cpu")
+    processor = packvit.load_processor(ckpt)
+    batch = processor(photos)
+    assert isinstance(batch, PackedBatch) and batch.num_items == 3 and batch.patch_layout == model.patch_layout
+    with torch.no_grad():
+        out = model(batch)
+        alone = [model(processor([photo])) for photo in photos]
+    assert isinstance(out, PackedVisionOutput)
+    assert out.last_hidden_state.shape == (batch.patches.shape[0], model.hidden_size)
+    assert out.pooler_output.shape == (3, model.hidden_size)  # one row per item in every family
+    if model.num_prefix_tokens:
+        assert out.prefix_tokens.shape == (3, model.num_prefix_tokens, model.hidden_size)
+    else:
+        assert out.prefix_tokens is None
+    # each item's outputs are those of the item alone
+    for tokens, pooled, single in zip(batch.split(out.last_hidden_state), out.pooler_output, alone):
+        assert (tokens - single.last_hidden_state).abs().max() <= 1e-5
+        assert (pooled - single.pooler_output[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_model_exposes_its_shape(checkpoints, family):
+    model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")
+    config = model.config
+    assert model.family == family
+    assert model.patch_size == config.patch_size and model.patch_dim == 3 * config.patch_size**2
+    assert model.patch_layout == ("cpp" if family == "llava_vit" else "ppc")
+    assert model.num_prefix_tokens == (5 if family == "dinov3" else 0)
+    assert model.hidden_size == config.hidden_size and model.num_hidden_layers == len(model.blocks)
+    assert type(model) is packvit.models.registry.model_class(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_metadata_is_reusable_and_hidden_layers_are_selected(checkpoints, family):
+    model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")
+    items = get_adapter(family).random_items([(3, 4), (1, 1), (2, 5)], model.patch_size, torch.Generator().manual_seed(0))
+    batch = PackedBatch(*patchify(items, model.patch_size, model.patch_layout), model.patch_layout)
+    meta = model.prepare(batch)
+    with torch.no_grad():
+        fresh = model(batch, output_hidden_states=True)
+        reused = model(batch, metadata=meta, hidden_layers=[-1, 0, 1])
+    assert torch.equal(fresh.last_hidden_state, reused.last_hidden_state)
+    assert len(fresh.hidden_states) == model.num_hidden_layers + 1 and len(reused.hidden_states) == 3
+    for selected, index in zip(reused.hidden_states, [-1, 0, 1]):
+        assert torch.equal(selected, fresh.hidden_states[index])
+    other = PackedBatch(*patchify(items[:2], model.patch_size, model.patch_layout), model.patch_layout)
+    with pytest.raises(ValueError, match="metadata was prepared for another grid_thw"):
+        model(other, metadata=meta)
+    with pytest.raises(ValueError, match=r"hidden layer 5 does not exist: the model has 3 hidden states"):
+        model(batch, hidden_layers=[5])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trip(checkpoints, family, tmp_path):
+    model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")
+    model.save_pretrained(tmp_path)
+    reloaded = packvit.from_pretrained(tmp_path, device="cpu")
+    assert type(reloaded) is type(model) and reloaded.config == model.config
+    state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert state.keys() == reloaded_state.keys() and all(torch.equal(state[k], reloaded_state[k]) for k in state)
+
+
+def test_unknown_model_type_lists_what_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"model_type 'bert'.*no packvit family loads.*siglip2: siglip2, siglip2_vision_model.*"
+                                         r"dinov3: dinov3_vit.*aimv2:.*llava_vit: onevision_encoder"):
+        packvit.from_pretrained(tmp_path)
+
+
+def test_loading_errors_name_the_file(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="does not exist: it is neither a local directory nor a hub id"):
+        packvit.from_pretrained(tmp_path / "missing" / "checkpoint")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
+        packvit.from_pretrained(broken)
+    source = checkpoint(checkpoints, "llava_vit")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((source / "config.json").read_text())
+    data = (source / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors cannot be read as safetensors.*truncated or corrupt"):
+        packvit.from_pretrained(truncated)
+    with pytest.raises(ValueError, match=r"dtype 'float33' is not a torch dtype"):
+        packvit.from_pretrained(source, dtype="float33")
+    with pytest.raises(ValueError, match=r"has no fields \['use_heads'\]"):
+        packvit.from_pretrained(source, use_heads=False)
+
+
+def test_grid_on_the_meta_device_is_refused(checkpoints):
+    model = packvit.from_pretrained(checkpoint(checkpoints, "llava_vit"), device="cpu")
+    with pytest.raises(ValueError, match="grid_thw is on the meta device"):
+        model(torch.randn(4, model.patch_dim), torch.ones(1, 3, dtype=torch.long, device="meta"))
+
+
+def test_batch_and_tensors_are_not_mixed(checkpoints):
+    model = packvit.from_pretrained(checkpoint(checkpoints, "llava_vit"), device="cpu")
+    batch = PackedBatch(torch.randn(4, model.patch_dim), [[1, 2, 2]], "cpp")
+    with pytest.raises(ValueError, match="pass a PackedBatch alone"):
+        model(batch, batch.grid_thw)
+    with pytest.raises(ValueError, match="with grid_thw"):
+        model(batch.patches)
