@@ -25,3 +25,50 @@ def max_diffs(reference, packed):
         return tokens, None
     pooled = max((r.pooled - p.pooled).abs().max().item() for r, p in zip(reference, packed))
     return tokens, pooled
+
+
+def import_timm():
+    """timm itself, or a skip when it is not installed.
+
+    timm imports torchvision at import time, and torchvision's wheels for this CPU build of torch
+    are CUDA builds; where torchvision is missing, a stand-in answers timm's imports of it (timm's
+    registry and ``create_model``, all that packvit's registration touches, never call it).
+    """
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from unittest import mock
+
+    import pytest
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    if "timm" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        import timm
+
+        return timm
+
+    class TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            if name == "torchvision" or name.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = mock.MagicMock(name=spec.name)
+            module.__path__, module.__spec__, module.__name__ = [], spec, spec.name
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    finder = TorchvisionStandIn()
+    sys.meta_path.insert(0, finder)
+    try:
+        import timm
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+            del sys.modules[name]
+    return timm

@@ -28,7 +28,7 @@ from packvit.preprocess.llava_vit import timeline_positions, timeline_slots
 
 def apply_onevision_rope(x, cos, sin):
     return RotaryTable(cos, sin, "interleaved").apply(x, x)[0]
-from family_helpers import load_model_pairs, write_variant_checkpoints
+from family_helpers import import_timm, load_model_pairs, write_variant_checkpoints
 
 ATOL = 1e-5
 PATCH = TINY["patch_size"]
@@ -374,7 +374,7 @@ def test_size_table_unknown_name():
 
 
 def test_timm_create_model():
-    timm = pytest.importorskip("timm")
+    timm = import_timm()
     names = packvit.register_timm_models()
     assert packvit.register_timm_models() == names  # registering twice is harmless
     for size in EXPECTED_SIZES:
@@ -385,3 +385,12 @@ def test_timm_create_model():
     assert len(small.blocks) == 1 and small.head is None
     with pytest.raises(ValueError, match="has no timm weights"):
         timm.create_model("hf_llava_vit_packing_large_ln", pretrained=True)
+
+
+def test_import_packvit_registers_nothing_with_timm():
+    import subprocess
+    import sys
+
+    code = "import sys, packvit; packvit.from_pretrained; print('timm' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]

@@ -104,6 +104,7 @@ class RotaryTable:
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos[:, None, :], self.sin[:, None, :]  # [S, 1, hd], broadcast over heads
         if self.pairing == "half":
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # a no-op but under autocast
             return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         q32, k32 = q.float(), k.float()
         return ((q32 * cos + rotate_interleaved(q32) * sin).to(q.dtype),
