@@ -1,9 +1,16 @@
-"""Every attention backend available on this GPU against the float32 reference path."""
+"""Every attention backend available on this GPU against the float32 reference path; FlashAttention 4
+in detail (gradients, no host sync, automatic choice on Hopper, one compilation for many packs);
+float32 on CUDA; offsets given on the host."""
+
+import dataclasses
+import importlib
 
 import pytest
 import torch
 
-from packvit.attention import BACKENDS, backend_report, varlen_attention
+from packvit import attention
+from packvit.attention import BACKENDS, backend_report, select_backend, varlen_attention
+from packvit.layers import VarlenContext
 from packvit.metrics import relative_error
 from packvit.packing import SegmentLayout
 
@@ -76,6 +83,7 @@ def test_auto_backend_call_makes_no_host_sync():
     layout = SegmentLayout.from_lengths(LENGTHS)
     q = torch.randn(layout.total, 4, 64, device="cuda", dtype=torch.bfloat16)
     cu = layout.cu_seqlens("cuda")
+    varlen_attention(q, q, q, cu, cu, layout.max_seqlen, layout.max_seqlen)  # selection, and FA4's compilation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -103,3 +111,161 @@ def test_tanh_gelu_mlp_epilogue_is_the_tanh_gelu():
     assert (fused - tanh).abs().max() <= 1e-5
     assert (strided - tanh).abs().max() <= 1e-5
     assert (fused - erf).abs().max() >= 1e-4
+
+
+def test_host_offsets_on_cuda_are_checked_and_copied_without_sync(monkeypatch):
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)  # the automatic choice, never the syncing reference
+    layout = SegmentLayout.from_lengths(LENGTHS)
+    q = torch.randn(layout.total, 4, 64, device="cuda", dtype=torch.bfloat16)
+    cu = layout.cu_seqlens("cuda")
+    expected = varlen_attention(q, q, q, cu, cu, layout.max_seqlen, layout.max_seqlen)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from_layout = varlen_attention(q, q, q, layout, layout)
+        from_host_tensor = varlen_attention(q, q, q, layout.cu_seqlens_host, layout.cu_seqlens_host)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(from_layout, expected) and torch.equal(from_host_tensor, expected)
+    short = SegmentLayout.from_lengths(LENGTHS[:-1])
+    with pytest.raises(ValueError, match=f"cu_seqlens_q ends at {short.total} but q has {layout.total} rows"):
+        varlen_attention(q, q, q, short, short)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention 4 (flash-attn-4)
+
+#: mixed lengths: single tokens, short, long and one long segment
+FA4_LENGTHS = [1, 5, 1, 64, 200, 1, 1500, 4096, 3, 77]
+
+
+def skip_without_fa4(head_dim):
+    """Skips, with the reason, where fa4 cannot run bf16 at this head_dim (flash-attn-4 absent, GPU)."""
+    reason = backend_report("cuda", torch.bfloat16, head_dim)["fa4"]
+    if reason:
+        pytest.skip(f"fa4: {reason}")
+
+
+def fa4_pass(lengths, head_dim=72, seed=0):
+    """One FA4 forward and backward over a fresh pack of these segment lengths."""
+    layout = SegmentLayout.from_lengths(lengths)
+    q, k, v, cu, _ = inputs(lengths, lengths, head_dim, torch.bfloat16, seed)
+    out = varlen_attention(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, backend="fa4")
+    out.float().square().sum().backward()
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_fa4_forward_and_backward_match_reference(head_dim):
+    skip_without_fa4(head_dim)
+    longest = max(FA4_LENGTHS)
+    q, k, v, cu, _ = inputs(FA4_LENGTHS, FA4_LENGTHS, head_dim, torch.bfloat16, seed=10 + head_dim)
+    upstream = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(head_dim))
+    got = forward_backward("fa4", q, k, v, cu, cu, longest, longest, upstream)
+    ref = forward_backward("reference", q.float(), k.float(), v.float(), cu, cu, longest, longest, upstream)
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), f"fa4 {label} hd {head_dim}"
+        assert relative_error(a, b) <= 1e-2, f"fa4 {label} hd {head_dim}: {relative_error(a, b):.2e}"
+    # every segment's output on its own, single tokens included (their output is their value row)
+    bounds = SegmentLayout.from_lengths(FA4_LENGTHS).cu_seqlens_host.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        error = relative_error(got[0][start:end], ref[0][start:end])
+        assert error <= 1e-2, f"fa4 out hd {head_dim} segment {i} ({end - start} tokens): {error:.2e}"
+
+
+def test_fa4_forward_and_backward_make_no_host_sync():
+    skip_without_fa4(72)
+    fa4_pass([1, 300, 77, 1024], seed=1)  # compiles the kernels this pack composition needs
+    lengths = [5, 700, 1, 1, 2048, 33]  # another composition served by the same kernels
+    q, k, v, _, _ = inputs(lengths, lengths, 72, torch.bfloat16, seed=2)
+    layout = SegmentLayout.from_lengths(lengths)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cu = layout.cu_seqlens("cuda")
+        out = varlen_attention(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, backend="fa4")
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(t).all() for t in (out, q.grad, k.grad, v.grad))
+
+
+def test_fa4_is_chosen_automatically_on_hopper(monkeypatch):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the automatic choice checked here is Hopper's (sm90)")
+    reason = attention._fa4_import_error()
+    if reason:
+        pytest.skip(f"fa4: {reason}")
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    for head_dim in (64, 72, 128):
+        assert backend_report("cuda", torch.bfloat16, head_dim)["fa4"] is None
+        assert select_backend("cuda", torch.bfloat16, head_dim) == "fa4"
+        assert select_backend("cuda", torch.float16, head_dim) == "fa4"
+    calls = []
+    fa4 = BACKENDS["fa4"]
+    monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(fa4, run=lambda *args: calls.append(1) or fa4.run(*args)))
+    q, k, v, cu, _ = inputs(LENGTHS, LENGTHS, 72, torch.bfloat16, seed=4)
+    out = varlen_attention(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS))
+    ref = varlen_attention(q.float(), k.float(), v.float(), cu, cu, max(LENGTHS), max(LENGTHS), backend="reference")
+    assert calls == [1] and relative_error(out, ref) <= 1e-2
+
+
+def test_fa4_compiles_once_for_many_pack_compositions():
+    skip_without_fa4(72)
+    interface = importlib.import_module("flash_attn.cute.interface")
+    caches = [
+        getattr(getattr(interface, name, None), "compile_cache", None)
+        for name in ("_flash_attn_fwd", "_flash_attn_bwd", "_bwd_preprocess", "_bwd_postprocess_convert")
+    ]
+    if not all(isinstance(getattr(cache, "cache", None), dict) for cache in caches):
+        pytest.skip("this flash-attn-4 keeps its compiled kernels where this test cannot count them")
+
+    def compiled():
+        return [len(cache.cache) for cache in caches]
+
+    # Segments longer than one tile (192 query rows at head_dim 72, 128 key rows) and at most 256
+    # of them: one kernel set, whatever the token count, the number of segments or their lengths.
+    fa4_pass([1, 300, 77, 1024], seed=1)
+    before = compiled()
+    for seed, lengths in enumerate([[2000], [193] * 40 + [1], [1, 1, 4000, 3, 900, 250] * 7, [5, 700, 2, 2048]]):
+        fa4_pass(lengths, seed=10 + seed)
+    assert compiled() == before
+    # A pack whose segments all fit one tile takes FA4's one-tile variants: one more forward and
+    # one more backward kernel at most, and none for the next such pack.
+    fa4_pass([1, 17, 64, 33, 2], seed=20)
+    short = compiled()
+    assert short[0] - before[0] <= 1 and short[1] - before[1] <= 1 and short[2:] == before[2:]
+    fa4_pass([3, 50, 9, 60], seed=21)
+    assert compiled() == short
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 on CUDA: the automatic choice is a float32 kernel with a backward
+
+
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_float32_tower_takes_efficient_with_float32_gradients(monkeypatch, head_dim):
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    if not available("efficient", torch.float32, head_dim):
+        pytest.skip(f"efficient: {backend_report('cuda', torch.float32, head_dim)['efficient']}")
+    assert select_backend("cuda", torch.float32, head_dim) == "efficient"
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    q, k, v = (torch.randn(sum(LENGTHS), 4, head_dim, device="cuda", generator=g) for _ in range(3))
+    query = torch.randn(len(LENGTHS), 4, head_dim, device="cuda", generator=g)
+    up_tokens = torch.randn(q.shape, device="cuda", generator=g)
+    up_pooled = torch.randn(query.shape, device="cuda", generator=g)
+
+    def tower_attention(backend):
+        """Self-attention and attention pooling the way a tower calls them, with gradients."""
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, query)]
+        context = VarlenContext.from_lengths(LENGTHS, torch.device("cuda"), backend)
+        tokens = context.attend(*leaves[:3])
+        pooled = context.pool(leaves[3], *leaves[1:3])
+        ((tokens * up_tokens).sum() + (pooled * up_pooled).sum()).backward()
+        return [tokens, pooled] + [t.grad for t in leaves]
+
+    got, ref = tower_attention(None), tower_attention("reference")
+    labels = ("tokens", "pooled", "dq", "dk", "dv", "dquery")
+    for label, a, b in zip(labels, got, ref):
+        error = relative_error(a, b)
+        assert a.dtype == torch.float32 and error <= 1e-4, f"{label} hd {head_dim}: {error:.2e}"
