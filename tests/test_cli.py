@@ -21,12 +21,32 @@ def test_info_lists_every_backend_with_a_reason(capsys):
     assert re.search(r"^compiled layers by default.*: (yes|no \(.+\))$", text, re.M)
 
 
-def test_readme_test_command_is_what_ci_runs():
+def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
-    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_command in blocks, "the README's test command and .ci/run differ"
-    assert any(block.endswith("packvit align") for block in blocks), "the README's main job is `packvit align`"
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    test_command = next(block for block in blocks if block.endswith("python -m pytest -q"))
+    assert test_command in ci_lines, "the README's test command and .ci/run differ"
+    assert any(block.endswith("packvit align") and "[align]" in block for block in blocks), "the README's main job is `packvit align`"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["align", "--batch_size", "0"], "--batch_size: must be at least 1, got 0"),
+    (["align", "--image_size", "0"], "--image_size: must be at least 1, got 0"),
+    (["bench", "--smoke", "--repeats", "0"], "--repeats: must be at least 1, got 0"),
+    (["bench", "--smoke", "--items", "0"], "--items: must be at least 1, got 0"),
+    (["info", "--head_dim", "-8"], "--head_dim: must be at least 1, got -8"),
+])
+def test_bad_numbers_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_an_error_line(tmp_path, capsys):
+    assert cli.main(["align", "llava_vit", "--ckpt", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("packvit align: error: checkpoint") and "does not exist" in err and "Traceback" not in err
 
 
 def test_module_entry_point_runs():

@@ -144,3 +144,41 @@ def test_layers_compile_by_default_on_cuda_inference(checkpoint_root):
         assert (compiled_default - eager).abs().max() <= 1e-4
     assert outputs["siglip2"] == 0
     assert outputs["dinov3"] > 0
+
+
+@pytest.mark.parametrize("compile_layers", [None, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_items_are_independent_of_their_pack(family, dtype, compile_layers, checkpoint_root):
+    """Each item's outputs are the same alone, packed with others, in another order and duplicated;
+    a NaN in one item reaches no other. float32 (efficient kernel, no TF32) and bf16 (default
+    kernel), default (compiled for CUDA inference) and forced-compiled layers."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    adapter = get_adapter(family)
+    packed = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), torch.device("cuda"), dtype)
+    packed.compile_layers = compile_layers
+    grids = [(1, 3, 4), (1, 1, 1), (1, 9, 2), (1, 6, 6)] + ([(3, 2, 5)] if family == "llava_vit" else [])
+    items = [x.cuda().to(dtype) for x in adapter.random_items(grids, packed.patch_size, torch.Generator().manual_seed(3))]
+
+    def per_item(outputs):
+        return [torch.cat([o.tokens.float().flatten(), o.pooled.float()]) for o in outputs]
+
+    with torch.inference_mode():
+        alone = [per_item(adapter.run_packed(packed, [item]))[0] for item in items]
+        together = per_item(adapter.run_packed(packed, items))
+        order = list(reversed(range(len(items))))
+        shuffled = per_item(adapter.run_packed(packed, [items[i] for i in order]))
+        duplicated = per_item(adapter.run_packed(packed, items + items))
+        poisoned = [items[0].clone().fill_(float("nan"))] + items[1:]
+        with_nan = per_item(adapter.run_packed(packed, poisoned))
+    candidates = [together, [shuffled[order.index(i)] for i in range(len(items))], duplicated[: len(items)],
+                  duplicated[len(items):]]
+    for outputs in candidates:
+        for reference, output in zip(alone, outputs):
+            if dtype == torch.float32:
+                assert (reference - output).abs().max().item() <= 1e-4
+            else:
+                assert torch.nn.functional.cosine_similarity(reference, output, dim=0).item() >= 0.9999
+    assert torch.isnan(with_nan[0]).any()
+    assert all(torch.isfinite(output).all() for output in with_nan[1:])
