@@ -1,0 +1,138 @@
+"""Reading and decoding one input: bytes → a PIL image, or a video file → sampled frames.
+
+Every way an input can fail raises ``InputError(status, message)``, whose ``status`` is what the
+metadata row records: ``unreadable``, ``empty``, ``unsupported``, ``not_an_image``, ``too_large``,
+``decode_error`` (and, from preprocessing, ``preprocess_error``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "STATUSES",
+    "DEFAULT_MAX_PIXELS",
+    "InputError",
+    "read_file",
+    "open_image",
+    "require_av",
+    "decode_video",
+    "sample_frame_indices",
+]
+
+STATUSES = ("ok", "unreadable", "empty", "unsupported", "no_image", "not_an_image", "too_large", "decode_error",
+            "preprocess_error")
+#: Pillow's own decompression-bomb limit (pixels)
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+class InputError(Exception):
+    """An input that cannot be embedded: ``status`` (one of ``STATUSES``) and a message saying why."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a file; ``unreadable`` or ``empty`` errors."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise InputError("unreadable", _describe(error)) from None
+    if not data:
+        raise InputError("empty", "the file has zero bytes")
+    return data
+
+
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes → a fully decoded PIL image with its EXIF orientation applied."""
+    if not data:
+        raise InputError("empty", "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise InputError("not_an_image", f"not an image format Pillow reads (first bytes {data[:8]!r})") from None
+        except Image.DecompressionBombError as error:
+            raise InputError("too_large", _describe(error)) from None
+        except Exception as error:  # Pillow's plugins raise many types for malformed headers
+            raise InputError("decode_error", _describe(error)) from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InputError("too_large", f"{width}x{height} = {width * height} pixels, more than --max_pixels {max_pixels}")
+        if width == 0 or height == 0:
+            raise InputError("decode_error", f"the image is {width}x{height} pixels")
+        try:
+            image.load()
+            return ImageOps.exif_transpose(image)
+        except Exception as error:
+            raise InputError("decode_error", _describe(error)) from None
+
+
+def require_av():
+    """PyAV, or an ``ImportError`` that names the extra to install."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("video inputs need PyAV: pip install 'packvit[video]' (or pip install av)") from None
+    return av
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread evenly from the first frame to the last (all frames when fewer)."""
+    if total_frames <= num_frames:
+        return list(range(total_frames))
+    return sorted(set(np.linspace(0, total_frames - 1, num_frames).round().astype(int).tolist()))
+
+
+def decode_video(source: str | bytes, num_frames: int) -> tuple[list[Image.Image], list[int], int]:
+    """A video file (path or bytes) → ``(frames, frame_indices, total_frames)``: ``num_frames`` RGB
+    frames sampled evenly over the clip."""
+    av = require_av()
+    if isinstance(source, bytes) and not source:
+        raise InputError("empty", "zero bytes")
+    if isinstance(source, str) and os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise InputError("empty", "the file has zero bytes")
+    try:
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError as error:
+        raise InputError("unreadable", _describe(error)) from None
+    except Exception as error:
+        raise InputError("decode_error", f"not a video PyAV reads ({_describe(error)})") from None
+    with container:
+        if not container.streams.video:
+            raise InputError("decode_error", "the file holds no video stream")
+        stream = container.streams.video[0]
+        try:
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if not stream.frames:
+                container.seek(0)
+            if total == 0:
+                raise InputError("decode_error", "the video stream has no frames")
+            wanted = set(sample_frame_indices(total, num_frames))
+            last_wanted, frames, indices = max(wanted), [], []
+            for index, frame in enumerate(container.decode(stream)):
+                if index in wanted:
+                    frames.append(frame.to_image())
+                    indices.append(index)
+                if index >= last_wanted:
+                    break
+        except InputError:
+            raise
+        except Exception as error:
+            raise InputError("decode_error", _describe(error)) from None
+    if not frames:
+        raise InputError("decode_error", "no frame could be decoded")
+    return frames, indices, max(total, indices[-1] + 1)

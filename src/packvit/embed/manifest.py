@@ -1,0 +1,175 @@
+"""``manifest.json``: what an output folder was made with, which shards are done, and the summary.
+
+The ``settings`` block is what a rerun must match to continue a folder (the model's config hash
+and weight files, the processor settings, the output format, the resolved input); versions and
+run times are recorded but do not have to match.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import shutil
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .. import __version__
+from .writer import METADATA_COLUMNS, OutputLayout, require_pyarrow, write_atomic
+
+__all__ = ["MANIFEST_FORMAT", "Summary", "versions", "settings_differences", "open_output", "summarize", "finish_manifest"]
+
+MANIFEST_FORMAT = "packvit-embed/1"
+
+
+def versions() -> dict[str, str]:
+    """packvit, torch, transformers and Python versions of this process."""
+    try:
+        transformers = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers = "not installed"
+    return {"packvit": __version__, "torch": torch.__version__, "transformers": transformers,
+            "python": platform.python_version()}
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key != "weights":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+#: settings recorded for information, not compared (the same model or input may be named differently)
+_NOT_COMPARED = ("model.checkpoint", "input.given")
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """``"key: old → new"`` for each compared setting that differs."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    keys = sorted((old_flat.keys() | new_flat.keys()) - set(_NOT_COMPARED))
+    return [f"{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}" for key in keys if old_flat.get(key) != new_flat.get(key)]
+
+
+def _write_json(layout: OutputLayout, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    write_atomic(layout.manifest, lambda handle: handle.write(text.encode()))
+
+
+def _remove_outputs(layout: OutputLayout) -> None:
+    for folder in layout.folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    layout.manifest.unlink(missing_ok=True)
+    layout.failures.unlink(missing_ok=True)
+
+
+def open_output(layout: OutputLayout, settings: dict, world_size: int, overwrite: bool = False) -> dict:
+    """Checks a folder against ``settings`` (or starts it) and records this run; returns the manifest.
+
+    Raises ``ValueError`` when the folder holds another run's outputs, unless ``overwrite``.
+    """
+    manifest = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else None
+    if manifest is not None and not overwrite:
+        differences = settings_differences(manifest.get("settings", {}), settings)
+        if differences:
+            raise ValueError(
+                f"{layout.root} holds embeddings made with other settings ({'; '.join(differences[:6])}); pass another "
+                f"--output to keep them, or --overwrite to replace them")
+    elif manifest is None and not overwrite and any(folder.is_dir() and any(folder.iterdir()) for folder in layout.folders):
+        raise ValueError(f"{layout.root} holds img_emb/metadata files but no manifest.json, so it is not known how they "
+                         f"were made; pass another --output, or --overwrite to replace them")
+    if overwrite:
+        _remove_outputs(layout)
+        manifest = None
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = {"format": MANIFEST_FORMAT, "settings": settings, "columns": list(METADATA_COLUMNS),
+                    "created": _now(), "runs": [], "shards": {"total": layout.num_tasks, "done": []}, "summary": None}
+    manifest["runs"].append({"started": _now(), "world_size": world_size, "versions": versions()})
+    _write_json(layout, manifest)
+    return manifest
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Summary:
+    """The outcome of a run over the whole folder: rows by status, shards done and missing."""
+
+    output: str
+    rows: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    shards_done: int = 0
+    shards_total: int = 0
+    missing_shards: list[str] = field(default_factory=list)
+    failures_file: str | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        return self.by_status.get("ok", 0)
+
+    @property
+    def failed(self) -> int:
+        return self.rows - self.ok
+
+    def lines(self) -> list[str]:
+        """The summary as printed at the end of a run."""
+        failed = ", ".join(f"{status} {count}" for status, count in sorted(self.by_status.items()) if status != "ok")
+        lines = [f"{self.rows} items in {self.shards_done}/{self.shards_total} shards under {self.output}: "
+                 f"{self.ok} ok, {self.failed} failed" + (f" ({failed})" if failed else "")]
+        if self.failures_file:
+            lines.append(f"failed items are listed in {self.failures_file} (and in metadata/*.parquet, status != 'ok')")
+        if self.missing_shards:
+            lines.append(f"{len(self.missing_shards)} shards are not done ({', '.join(self.missing_shards[:5])}"
+                         f"{', ...' if len(self.missing_shards) > 5 else ''}): rerun the same command to finish them")
+        return lines
+
+
+def summarize(layout: OutputLayout, tasks: Sequence[int], with_tokens: bool) -> Summary:
+    """Counts the rows of every done shard by status and writes ``failures.parquet`` (the failed
+    rows of all shards, with a ``shard`` column) when there are any."""
+    parquet = require_pyarrow()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    summary = Summary(str(layout.root), shards_total=len(tasks))
+    failures = []
+    for task in tasks:
+        if not layout.is_complete(task, with_tokens):
+            summary.missing_shards.append(layout.shard_name(task))
+            continue
+        summary.shards_done += 1
+        statuses = parquet.read_table(layout.metadata(task), columns=["status"]).column("status")
+        summary.rows += len(statuses)
+        for status, count in zip(*pc.value_counts(statuses).flatten()):
+            summary.by_status[status.as_py()] = summary.by_status.get(status.as_py(), 0) + count.as_py()
+        if pc.any(pc.not_equal(statuses, "ok")).as_py():
+            table = parquet.read_table(layout.metadata(task))
+            failed = table.filter(pc.not_equal(table.column("status"), "ok"))
+            failures.append(failed.append_column("shard", pa.array([layout.shard_name(task)] * failed.num_rows)))
+    layout.failures.unlink(missing_ok=True)
+    if failures:
+        table = pa.concat_tables(failures)
+        write_atomic(layout.failures, lambda handle: parquet.write_table(table, handle))
+        summary.failures_file = str(layout.failures)
+    return summary
+
+
+def finish_manifest(layout: OutputLayout, summary: Summary) -> None:
+    """Records the done shards and the summary in ``manifest.json``."""
+    manifest = json.loads(layout.manifest.read_text())
+    missing = set(summary.missing_shards)
+    manifest["shards"] = {"total": layout.num_tasks,
+                          "done": [layout.shard_name(task) for task in range(layout.num_tasks)
+                                   if layout.shard_name(task) not in missing]}
+    manifest["summary"] = {"rows": summary.rows, "ok": summary.ok, "failed": summary.failed, "by_status": summary.by_status,
+                           "failures_file": summary.failures_file}
+    _write_json(layout, manifest)

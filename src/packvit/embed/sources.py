@@ -1,0 +1,259 @@
+"""Inputs of ``packvit embed``: what to read, split into deterministic tasks.
+
+An input is one folder (read recursively), one list file (``.txt``: a path a line; ``.csv`` or
+``.parquet``: a path column), or WebDataset-style ``.tar`` shards (paths, brace patterns such as
+``shards/{000..009}.tar``, or globs). The inputs are resolved the same way on every rank, in a
+fixed order, and split into tasks: ``shard_size`` consecutive files per task, or one tar per task.
+Each task becomes one output shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "LIST_EXTENSIONS",
+    "PATH_COLUMNS",
+    "Task",
+    "Chunk",
+    "InputPlan",
+    "media_kind",
+    "expand_braces",
+    "list_folder",
+    "read_path_list",
+    "plan_inputs",
+    "task_chunks",
+    "iter_tar_samples",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"})
+LIST_EXTENSIONS = (".txt", ".csv", ".parquet")
+#: columns a ``.csv`` / ``.parquet`` list is searched for, in order, when no column is named
+PATH_COLUMNS = ("image_path", "path", "filepath", "file", "filename")
+#: inputs of a files task are dealt to DataLoader workers in chunks of this many
+CHUNK_INPUTS = 32
+
+
+def media_kind(name: str) -> str | None:
+    """``"image"``, ``"video"`` or ``None`` (unsupported) from a file name's extension (or from an
+    extension alone, such as a WebDataset member's ``".jpg"``)."""
+    base = os.path.basename(name)
+    suffix = "." + base.rsplit(".", 1)[1].lower() if "." in base else ""
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work and of output: shard ``index``.
+
+    ``kind == "files"``: ``paths`` are the task's input files, the first having source index
+    ``first_index``. ``kind == "tar"``: ``paths`` is the one tar shard, whose samples are only
+    known once it is read.
+    """
+
+    index: int
+    kind: str
+    paths: tuple[str, ...]
+    first_index: int = 0
+
+    @property
+    def num_inputs(self) -> int | None:
+        """Inputs in the task, ``None`` for a tar until it is read."""
+        return len(self.paths) if self.kind == "files" else None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Inputs ``start .. stop`` of a task (a tar task is one chunk: the whole tar)."""
+
+    task: int
+    start: int
+    stop: int | None
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """The tasks of an input and its fingerprint (a hash of every path, in order)."""
+
+    kind: str
+    tasks: tuple[Task, ...]
+    num_inputs: int | None
+    fingerprint: str
+
+    @property
+    def shard_width(self) -> int:
+        """Digits of the shard numbers: ``int(log10(num_tasks)) + 1``, as clip-retrieval pads them."""
+        return len(str(max(len(self.tasks), 1)))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expands ``{000..009}`` (zero padding kept from the first bound) and ``{a,b,c}``, left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def list_folder(root: Path) -> list[str]:
+    """Every file under ``root`` (recursively, symlinks to files included, names starting with ``.``
+    left out), sorted by path relative to ``root``."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        relative = os.path.relpath(directory, root)
+        for name in files:
+            if not name.startswith("."):
+                found.append(name if relative == "." else os.path.join(relative, name))
+    found.sort(key=lambda path: Path(path).as_posix())
+    return [os.path.join(str(root), path) for path in found]
+
+
+def _path_column(columns: Sequence[str], path_column: str | None, source: Path) -> str:
+    if path_column is not None:
+        if path_column not in columns:
+            raise ValueError(f"{source} has no column {path_column!r} (its columns: {list(columns)}); pass --path_column")
+        return path_column
+    for name in PATH_COLUMNS:
+        if name in columns:
+            return name
+    raise ValueError(f"{source} has none of the path columns {list(PATH_COLUMNS)} (its columns: {list(columns)}); "
+                     f"name the column with --path_column")
+
+
+def read_path_list(source: Path, path_column: str | None = None) -> list[str]:
+    """The paths of a list file, relative ones taken relative to the list's folder.
+
+    ``.txt``: one path a line, blank lines skipped. ``.csv`` / ``.parquet``: the ``path_column``
+    (or the first of ``PATH_COLUMNS`` present).
+    """
+    suffix = source.suffix.lower()
+    if suffix == ".txt":
+        paths = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+    elif suffix == ".csv":
+        import csv
+
+        with open(source, newline="") as handle:
+            reader = csv.DictReader(handle)
+            column = _path_column(reader.fieldnames or [], path_column, source)
+            paths = [row[column] for row in reader]
+    else:
+        from .writer import require_pyarrow
+
+        parquet = require_pyarrow("reading a .parquet list")
+        columns = parquet.read_schema(source).names
+        column = _path_column(columns, path_column, source)
+        paths = [str(value) for value in parquet.read_table(source, columns=[column]).column(column).to_pylist()]
+    return [path if os.path.isabs(path) else os.path.join(str(source.parent), path) for path in paths]
+
+
+def _tar_shards(inputs: Sequence[str]) -> list[str]:
+    shards = []
+    for pattern in inputs:
+        for expanded in expand_braces(pattern):
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            if not matches:
+                raise ValueError(f"{expanded!r} (from --input {pattern!r}) matches no file; check the pattern")
+            shards.extend(matches)
+    return shards
+
+
+def _fingerprint(kind: str, paths: Sequence[str]) -> str:
+    digest = hashlib.sha256(kind.encode())
+    for path in paths:
+        digest.update(b"\n" + path.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def plan_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], shard_size: int = 10_000,
+                path_column: str | None = None) -> InputPlan:
+    """Resolves ``--input`` into tasks: one folder or list file split every ``shard_size`` inputs,
+    or tar shards one task each."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [str(value) for value in inputs]
+    if not inputs:
+        raise ValueError("no input given: pass a folder, a list file (.txt, .csv, .parquet) or .tar shards")
+    if shard_size < 1:
+        raise ValueError(f"--shard_size must be at least 1, got {shard_size}")
+    if all(".tar" in Path(value).name.lower() for value in inputs):
+        shards = _tar_shards(inputs)
+        tasks = tuple(Task(index, "tar", (path,)) for index, path in enumerate(shards))
+        return InputPlan("tar", tasks, None, _fingerprint("tar", shards))
+    if len(inputs) > 1:
+        raise ValueError(f"got {len(inputs)} inputs {inputs[:3]}...: pass one folder or one list file, or any number "
+                         f"of .tar shards")
+    source = Path(inputs[0])
+    if source.is_dir():
+        kind, paths = "folder", list_folder(source)
+    elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
+        kind, paths = "list", read_path_list(source, path_column)
+    elif source.exists():
+        raise ValueError(f"--input {source} is a {source.suffix or 'extension-less'} file; pass a folder, a list file "
+                         f"({', '.join(LIST_EXTENSIONS)}) or .tar shards")
+    else:
+        raise ValueError(f"--input {source} does not exist; check the path")
+    if not paths:
+        raise ValueError(f"--input {source} holds no {'files' if kind == 'folder' else 'paths'}; check the path")
+    tasks = tuple(Task(index, "files", tuple(paths[start: start + shard_size]), start)
+                  for index, start in enumerate(range(0, len(paths), shard_size)))
+    return InputPlan(kind, tasks, len(paths), _fingerprint(kind, paths))
+
+
+def task_chunks(tasks: Sequence[Task], chunk_inputs: int = CHUNK_INPUTS) -> list[Chunk]:
+    """The tasks' inputs in chunks, task after task: what DataLoader workers are dealt."""
+    chunks = []
+    for task in tasks:
+        if task.kind == "tar":
+            chunks.append(Chunk(task.index, 0, None))
+            continue
+        chunks.extend(Chunk(task.index, start, min(start + chunk_inputs, len(task.paths)))
+                      for start in range(0, len(task.paths), chunk_inputs))
+    return chunks
+
+
+def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` for each WebDataset sample of a tar, in file order.
+
+    A sample is the run of consecutive members sharing a key (the member name up to the first dot
+    of its base name); extensions keep their leading dot and case (``".jpg"``, ``".seg.png"``).
+    Raises ``OSError`` or ``tarfile.TarError`` where the tar cannot be read further.
+    """
+    import tarfile
+
+    key, members = None, {}
+    with tarfile.open(path, mode="r|*") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            directory, base = os.path.split(member.name)
+            stem, dot, extension = base.partition(".")
+            member_key = os.path.join(directory, stem)
+            if member_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = member_key
+            members["." + extension if dot else ""] = archive.extractfile(member).read()
+    if key is not None:
+        yield key, members
