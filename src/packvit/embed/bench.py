@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -285,8 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_num_patches", type=int, default=256)
     parser.add_argument("--token_budget", type=int, default=32_768)
     parser.add_argument("--repeats", type=int, default=5, help="timed forward-only passes (median)")
-    parser.add_argument("--work_dir", default="bench_files_work", help="files, checkpoint and outputs (reused)")
-    parser.add_argument("--out", default="bench_files_out", help="where bench_files.json and bench_files.md go")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "packvit-bench-files"),
+                        help="files, checkpoint and outputs (reused by later runs)")
+    parser.add_argument("--out", default="bench_out/files", help="where bench_files.json and bench_files.md go")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -76,7 +76,8 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
             raise InputError("decode_error", f"the image is {width}x{height} pixels")
         try:
             image.load()
-            return ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
+            return image
         except Exception as error:
             raise InputError("decode_error", _describe(error)) from None
 

@@ -6,6 +6,7 @@ sees an ``Encoder``: ``encoder(batch)`` → pooled embeddings and the requested 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -40,13 +41,13 @@ class ProcessorSpec:
     def of(cls, info: "CheckpointInfo", native: bool = True, max_num_patches: int | None = None) -> "ProcessorSpec":
         return cls(str(info.directory), info.family, native, max_num_patches)
 
-    def check(self) -> None:
-        """Builds the processor and runs it on one small image: ``ValueError`` where the family's
+    def probe(self) -> PackedBatch:
+        """The processor built and run on one small grey image; ``ValueError`` where the family's
         processor refuses these settings."""
         from PIL import Image
 
         try:
-            self.build()(images=[Image.new("RGB", (64, 64), (128, 128, 128))])
+            return self.build()(images=[Image.new("RGB", (64, 64), (128, 128, 128))])
         except ValueError as error:
             hint = "" if not self.native else "; pass --fixed for the published fixed-size processor"
             raise ValueError(f"the {self.family} processor of {self.checkpoint} refuses these settings ({error}){hint}") from error
@@ -56,13 +57,8 @@ class ProcessorSpec:
         import packvit
 
         if hasattr(packvit, "load_processor"):
-            processor = packvit.load_processor(self.checkpoint)
-            options = {"native": self.native, "max_num_patches": self.max_num_patches}
-
-            def run(images=None, videos=None) -> PackedBatch:
-                return processor(images=images, videos=videos, **options)
-
-            return run
+            return functools.partial(packvit.load_processor(self.checkpoint), native=self.native,
+                                     max_num_patches=self.max_num_patches)
         return self._build_siglip2()
 
     def _build_siglip2(self):

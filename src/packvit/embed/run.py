@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -163,8 +162,7 @@ def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict, options:
 
 def _output_dims(encoder: Encoder) -> tuple[int, int | None]:
     """``(pooled dim, token dim)`` from one forward of a small grey image (also a warm-up)."""
-    batch = encoder.processor.build()(images=[Image.new("RGB", (64, 64), (128, 128, 128))])
-    pooled, tokens = encoder(batch)
+    pooled, tokens = encoder(encoder.processor.probe())
     return pooled.shape[-1], next((t.shape[-1] for t in tokens.values()), None)
 
 
@@ -186,12 +184,17 @@ class _Progress:
         self.tokens += pack.num_tokens
         if self.bar is not None:
             self.bar.update(pack.num_inputs)
-            elapsed = max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s, shards {self.done_tasks}/{self.num_tasks}",
-                                     refresh=False)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s, shards {self.done_tasks}/{self.num_tasks}",
+                                 refresh=False)
 
     def shard(self, name: str) -> None:
         self.done_tasks += 1
+        if self.bar is not None:
+            self._postfix()
         if self.quiet:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             print(f"{self.prefix}shard {name} done ({self.done_tasks}/{self.num_tasks}): {self.inputs / elapsed:,.1f} "
@@ -317,7 +320,7 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
         info = describe_checkpoint(model)
         info.check_layers(options.layers)
         processor = ProcessorSpec.of(info, native=not options.fixed, max_num_patches=options.max_num_patches)
-        processor.check()
+        processor.probe()
         model_dtype = default_dtype(device, options.model_dtype)
         layout = OutputLayout(Path(output), len(plan.tasks))
         settings = _settings(info, plan, given, options, model_dtype)

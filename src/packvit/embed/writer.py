@@ -130,19 +130,21 @@ def write_atomic(path: Path, write: Callable[[object], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_token_shard(path: Path, offsets: np.ndarray, grid_thw: np.ndarray, tensors: dict[str, Callable],
-                      shapes: dict[str, tuple[int, int]], dtype: np.dtype) -> None:
-    """A safetensors file of ``offsets``, ``grid_thw`` and one tensor per name, streamed: each
-    ``tensors[name](handle)`` writes its ``shapes[name]`` rows of ``dtype`` in order."""
+def write_token_shard(path: Path, offsets: np.ndarray, grid_thw: np.ndarray, sources: dict[str, np.ndarray],
+                      ranges: Sequence[tuple[int, int]]) -> None:
+    """A safetensors file of ``offsets [rows + 1]``, ``grid_thw [rows, 3]`` and, per name, the rows
+    ``start:start + count`` of ``sources[name] [spilled, D]`` for each range, in order, streamed."""
+    total = sum(count for _, count in ranges)
     entries, header, start = [("offsets", offsets), ("grid_thw", grid_thw)], {}, 0
     for name, array in entries:
         header[name] = {"dtype": "I64", "shape": list(array.shape), "data_offsets": [start, start + array.nbytes]}
         start += array.nbytes
-    for name, shape in shapes.items():
-        size = shape[0] * shape[1] * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [start, start + size]}
+    for name, source in sources.items():
+        size = total * source.shape[1] * source.dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[source.dtype], "shape": [total, source.shape[1]],
+                        "data_offsets": [start, start + size]}
         start += size
-    header["__metadata__"] = {"format": "pt", "layers": ",".join(shapes)}
+    header["__metadata__"] = {"format": "pt", "layers": ",".join(sources)}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
 
@@ -150,8 +152,9 @@ def write_token_shard(path: Path, offsets: np.ndarray, grid_thw: np.ndarray, ten
         handle.write(struct.pack("<Q", len(encoded)) + encoded)
         for _, array in entries:
             handle.write(np.ascontiguousarray(array).tobytes())
-        for name in shapes:
-            tensors[name](handle)
+        for source in sources.values():
+            for first, count in ranges:
+                handle.write(np.ascontiguousarray(source[first: first + count]).tobytes())
 
     write_atomic(path, write)
 
@@ -351,21 +354,13 @@ class ShardWriter:
         ranges = [span for position in positions for span in buffer.token_ranges.get(position, [])]
         for handle in buffer.spills.values():
             handle.flush()
-        spilled = {name: np.memmap(handle.name, dtype=self.dtype, mode="r", shape=(buffer.spill_rows, self.token_dim))
-                   if buffer.spill_rows else None for name, handle in buffer.spills.items()}
-
-        def streamer(name):
-            def stream(handle):
-                for start, count in ranges:
-                    handle.write(np.ascontiguousarray(spilled[name][start: start + count]).tobytes())
-            return stream
-
-        shapes = {name: (int(offsets[-1]), self.token_dim) for name in self.token_names}
+        shape = (buffer.spill_rows, self.token_dim)
+        sources = {name: np.memmap(buffer.spills[name].name, dtype=self.dtype, mode="r", shape=shape) if buffer.spill_rows
+                   else np.zeros(shape, dtype=self.dtype) for name in self.token_names}  # [spilled rows, D] each
         try:
-            write_token_shard(self.layout.tokens(task), offsets, grid, {name: streamer(name) for name in self.token_names},
-                              shapes, self.dtype)
+            write_token_shard(self.layout.tokens(task), offsets, grid, sources, ranges)
         finally:
-            spilled.clear()
+            sources.clear()
             self._close_spills(buffer, remove=True)
 
 
