@@ -17,6 +17,9 @@ from packvit.positions import sincos_2d
 from packvit.harness.aimv2 import ADAPTER, TINY
 from family_helpers import load_model_pairs, max_diffs, write_variant_checkpoints
 
+# the reference arrived in transformers 4.56
+pytest.importorskip("transformers.models.aimv2.modeling_aimv2")
+
 ATOL = 1e-5
 PATCH = 14
 MIXED_GRIDS = [(4, 4), (1, 1), (3, 5), (4, 4), (7, 2), (2, 9), (3, 5), (5, 3)]
@@ -111,17 +114,25 @@ def test_default_return_is_last_hidden_state_tensor(models):
     assert full.pooler_output.shape == (2, TINY["hidden_size"]) and full.hidden_states is None and full.prefix_tokens is None
 
 
-def test_sincos_table_is_the_reference_layout():
-    from transformers.models.aimv2.modeling_aimv2 import build_2d_sinusoidal_position_embedding
+def reference_sincos(height: int, width: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's native table ``[h*w, dim]``: from 5.x a module function computing in float64 then
+    casting (its halves swapped by the caller); in 4.56 a static method computing in the activation
+    dtype, called here in float64 and cast, the precision packvit keeps in every release."""
+    from transformers.models.aimv2 import modeling_aimv2
 
+    if hasattr(modeling_aimv2, "build_2d_sinusoidal_position_embedding"):
+        table = modeling_aimv2.build_2d_sinusoidal_position_embedding(height, width, dim, dtype=dtype)
+        return torch.cat([table[:, dim // 2:], table[:, : dim // 2]], dim=1)  # the reference's swap
+    builder = modeling_aimv2.Aimv2VisionEmbeddings.build_2d_sincos_position_embedding
+    return builder(height, width, embed_dim=dim, dtype=torch.float64)[0].to(dtype)
+
+
+def test_sincos_table_is_the_reference_layout():
     for height, width, dim in ((3, 5, 48), (7, 2, 64), (1, 1, 16)):
         grid = torch.tensor([[1, height, width]])
         for dtype in (torch.float32, torch.bfloat16):
-            reference = build_2d_sinusoidal_position_embedding(height, width, dim, dtype=dtype)
-            half = dim // 2
-            reference = torch.cat([reference[:, half:], reference[:, :half]], dim=1)  # the reference's swap
             ours = sincos_2d(grid, dim, dtype, torch.device("cpu"))
-            assert torch.equal(ours, reference)
+            assert torch.equal(ours, reference_sincos(height, width, dim, dtype))
         # effective layout: [sin(c w) | cos(c w) | sin(r w) | cos(r w)]
         quarter = dim // 4
         omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)

@@ -15,7 +15,8 @@ from packvit.harness.dinov3 import ADAPTER, reference_config
 from packvit.positions import RotaryTable, normalized_patch_centres, rope_2d_cos_sin, rope_2d_inv_freq
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.dinov3_vit import modeling_dinov3_vit as hf_dinov3  # noqa: E402
+# the reference arrived in transformers 4.56
+hf_dinov3 = pytest.importorskip("transformers.models.dinov3_vit.modeling_dinov3_vit")
 from family_helpers import max_diffs
 
 TOLERANCE = 1e-5
@@ -116,12 +117,17 @@ def test_hidden_states_split_into_patch_and_prefix_tokens(gelu_checkpoint):
     patches, grid_thw = patchify(items, 16)
     with torch.no_grad():
         output = model(patches, grid_thw, return_dict=True, output_hidden_states=True)
-        ref_states = [reference(pixel_values=item[None], output_hidden_states=True).hidden_states for item in items]
+        ref_outputs = [reference(pixel_values=item[None], output_hidden_states=True) for item in items]
+    ref_states = [out.hidden_states for out in ref_outputs]
     assert len(output.hidden_states) == reference.config.num_hidden_layers + 1 == len(ref_states[0])
     assert len(output.prefix_hidden_states) == len(output.hidden_states)
+    # transformers 4.x puts the final norm into its last hidden state; 5.x, like packvit, does not
+    normed_last = torch.equal(ref_states[0][-1], ref_outputs[0].last_hidden_state)
     counts = [h * w for h, w in grids]
     for depth, (state, prefix) in enumerate(zip(output.hidden_states, output.prefix_hidden_states)):
         assert state.shape == (sum(counts), 48) and prefix.shape == (3, 5, 48)
+        if normed_last and depth == len(ref_states[0]) - 1:
+            state, prefix = model.final_norm(state), model.final_norm(prefix)
         for i, (patch_state, ref) in enumerate(zip(torch.split(state, counts), ref_states)):
             assert (torch.cat([prefix[i], patch_state]) - ref[depth][0]).abs().max().item() <= TOLERANCE
     # the last state is the sequence before the final norm
