@@ -57,6 +57,20 @@ def _by_name(rows, embeddings, images: Path):
     return table
 
 
+def _write_clip(path: Path, num_frames: int = 9) -> list:
+    """An mpeg4 clip of ``num_frames`` 64 x 48 frames; returns its frames as PyAV decodes them."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(num_frames):
+            frame = np.full((48, 64, 3), 20 * i, dtype=np.uint8) + np.arange(64, dtype=np.uint8)[None, :, None]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        return [frame.to_image() for frame in container.decode(video=0)]
+
+
 def test_folder_one_row_per_input_and_embeddings_equal_the_model_alone(folder_run, images, checkpoint, model):
     output, summary = folder_run
     rows, embeddings = read_output(output)
@@ -196,19 +210,9 @@ def test_changed_input_is_refused(checkpoint, images, tmp_path):
 
 
 def test_video_frames_are_items_for_an_image_family(checkpoint, model, tmp_path):
-    av = pytest.importorskip("av")
     source = tmp_path / "videos"
     source.mkdir()
-    frames = [np.full((48, 64, 3), 20 * i, dtype=np.uint8) + np.arange(64, dtype=np.uint8)[None, :, None]
-              for i in range(9)]
-    with av.open(str(source / "clip.mp4"), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    with av.open(str(source / "clip.mp4")) as container:
-        decoded = [frame.to_image() for frame in container.decode(video=0)]
+    decoded = _write_clip(source / "clip.mp4")
     output = _run(checkpoint, source, tmp_path / "out", num_frames=4)
     rows, embeddings = read_output(output)
     assert [row["frame"] for row in rows] == [0, 3, 5, 8], "4 frames spread over the 9 of the clip"
@@ -218,6 +222,25 @@ def test_video_frames_are_items_for_an_image_family(checkpoint, model, tmp_path)
         np.testing.assert_allclose(embedding, alone.pooler_output[0].numpy(), atol=TOLERANCE, rtol=0)
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["settings"]["processor"]["videos"] == "frames as items"
+
+
+@pytest.mark.skipif(not hasattr(packvit, "load_processor"), reason="needs packvit.load_processor (OneVision's video processor)")
+def test_video_is_one_clip_on_the_timeline_for_onevision(tmp_path):
+    checkpoint = random_checkpoint(tmp_path / "checkpoint", family="llava_vit")
+    source = tmp_path / "videos"
+    source.mkdir()
+    decoded = _write_clip(source / "clip.mp4")
+    (source / "still.png").write_bytes(b"")  # a failed image beside the clip
+    output = _run(checkpoint, source, tmp_path / "out", num_frames=4)
+    rows, embeddings = read_output(output)
+    clip = next(row for row in rows if row["image_path"].endswith("clip.mp4"))
+    assert len(rows) == 2 and clip["status"] == "ok" and clip["frame"] is None
+    assert (clip["t"], clip["h"], clip["w"]) == (4, 16, 16), "4 frames at 224 px, 16 x 16 patches of 14"
+    model = packvit.from_pretrained(checkpoint, device="cpu")
+    with torch.inference_mode():
+        alone = model(packvit.load_processor(str(checkpoint))(videos=[[decoded[i] for i in (0, 3, 5, 8)]]))
+    np.testing.assert_allclose(embeddings[rows.index(clip)], alone.pooler_output[0].numpy(), atol=TOLERANCE, rtol=0)
+    assert json.loads((output / "manifest.json").read_text())["settings"]["processor"]["videos"] == "clips"
 
 
 def test_video_without_pyav_names_the_extra(checkpoint, tmp_path, monkeypatch):
@@ -272,4 +295,12 @@ def test_settings_a_run_cannot_take_are_refused_before_the_output_is_touched(che
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no files"):
         embed(checkpoint, tmp_path / "empty", tmp_path / "out", **RUN)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(packvit, "load_processor"), reason="needs packvit.load_processor")
+def test_processor_settings_a_family_refuses_are_refused_before_the_output_is_touched(images, tmp_path):
+    checkpoint = random_checkpoint(tmp_path / "checkpoint", family="dinov3")
+    with pytest.raises(ValueError, match=r"the dinov3 processor of .* refuses these settings \(max_num_patches=64"):
+        embed(checkpoint, images, tmp_path / "out", **{**RUN, "max_num_patches": 64}, fixed=True)
     assert not (tmp_path / "out").exists()
