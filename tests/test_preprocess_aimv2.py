@@ -1,18 +1,17 @@
 """The CLIP processor reproduction and AIMv2 preprocessing, against transformers' processors, bit for bit.
 
-``CLIPImageProcessorPil`` runs everywhere; the torchvision-backend ``CLIPImageProcessor`` only where
-torchvision is installed (skipped otherwise).
+``CLIPImageProcessorPil`` runs wherever transformers is installed; the torchvision-backend
+``CLIPImageProcessor`` only where torchvision is installed too (skipped otherwise).
 """
 
 import numpy as np
 import pytest
 import torch
-import transformers
 from packaging.version import Version
 from PIL import Image
 
 from packvit.packing import patchify
-from packvit.preprocess.aimv2 import aimv2_pixels, aimv2_preprocess, native_grid
+from packvit.preprocess.aimv2 import aimv2_pixels, aimv2_preprocess, floor_patch_grid
 from packvit.preprocess.clip import (
     clip_center_crop,
     clip_preprocess,
@@ -22,6 +21,11 @@ from packvit.preprocess.clip import (
 )
 
 data = pytest.importorskip("skimage.data")
+
+
+def hf():
+    """transformers, or a skip where it is not installed."""
+    return pytest.importorskip("transformers")
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel", "logo"]
@@ -67,14 +71,14 @@ def check_clip_backend(processor_class, backend, photos):
 
 
 def test_clip_pil_backend_equals_clip_image_processor_pil(photos):
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     assert check_clip_backend(CLIPImageProcessorPil, "pil", photos) >= 4 * 20
 
 
 def test_clip_torch_backend_equals_torchvision_clip_image_processor(photos):
     pytest.importorskip("torchvision")
-    from transformers import CLIPImageProcessor
+    CLIPImageProcessor = hf().CLIPImageProcessor
 
     assert check_clip_backend(CLIPImageProcessor, "torch", photos) >= 4 * 20
 
@@ -91,7 +95,7 @@ def test_clip_backends_differ_only_by_resampling(photos):
 
 
 def test_clip_bilinear_and_square_size(photos):
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     processor = CLIPImageProcessorPil(size={"height": 150, "width": 200}, resample=2, do_center_crop=False)
     for name in ("chelsea", "camera"):
@@ -117,7 +121,7 @@ def test_center_crop_pads_small_images_like_each_backend():
 
 
 def test_rgb_conversion_composites_transparency_onto_white():
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     as_is = CLIPImageProcessorPil(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
@@ -128,7 +132,7 @@ def test_rgb_conversion_composites_transparency_onto_white():
         rgb = to_rgb_uint8(image)
         assert rgb[:, 0, 0].tolist() == [200, 0, 0] and rgb[:, 1, 1].tolist() == [255, 255, 255]
         assert rgb[:, 0, 1].tolist() == [227, 127, 127]  # 200*a + 255*(1-a) and 255*(1-a), a = 128/255
-    if Version(transformers.__version__) >= Version("5.23"):  # earlier versions drop alpha without compositing
+    if Version(hf().__version__) >= Version("5.23"):  # earlier versions drop alpha without compositing
         assert torch.equal(rgb.float(), hf_pixels(as_is, Image.fromarray(rgba, mode="RGBA")).float())
     gray = to_rgb_uint8(np.full((3, 4), 7, dtype=np.uint8))
     assert gray.shape == (3, 3, 4) and (gray == 7).all()
@@ -144,7 +148,7 @@ def test_clip_errors():
 
 
 def test_aimv2_fixed_size_equals_the_reference_processor(photos):
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     for image_size in (224, 336):
         processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
@@ -158,59 +162,63 @@ def test_aimv2_fixed_size_equals_the_reference_processor(photos):
 
 def test_aimv2_native_resolution_is_the_unresized_reference(photos):
     """No cap: no resize, CLIP normalisation, remainder pixels dropped as the reference's conv drops them."""
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     processor = CLIPImageProcessorPil(do_resize=False, do_center_crop=False)
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "logo"]
     images = [Image.fromarray(photos[name]) for name in names]
-    pixels = aimv2_pixels(images, image_size=None)
-    batch = aimv2_preprocess(images, image_size=None)
+    pixels = aimv2_pixels(images, native=True)
+    batch = aimv2_preprocess(images, native=True)
     for name, image, ours, grid in zip(names, images, pixels, batch.grid_thw.tolist()):
         full = hf_pixels(processor, image)
         rows, cols = full.shape[1] // 14, full.shape[2] // 14
         assert grid == [1, rows, cols]
         assert torch.equal(ours, full[:, : rows * 14, : cols * 14]), name
     assert torch.equal(batch.patches, patchify(pixels, 14)[0])
-    assert aimv2_pixels(Image.fromarray(photos["coffee"]), image_size=None)[0].shape == (3, 392, 588)  # 400x600 → 28x42 patches
+    assert aimv2_pixels(Image.fromarray(photos["coffee"]), native=True)[0].shape == (3, 392, 588)  # 400x600 → 28x42 patches
 
 
 def test_aimv2_native_token_cap_resizes_like_the_processor(photos):
-    from transformers import CLIPImageProcessorPil
+    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
 
     for name in ("rocket", "chelsea", "camera"):
         image = Image.fromarray(photos[name])
-        rows, cols = native_grid(image.height, image.width, max_tokens=256)
+        rows, cols = floor_patch_grid(image.height, image.width, max_num_patches=256)
         assert rows * cols <= 256 and rows * cols >= 200
         assert abs(rows / cols - image.height / image.width) < 0.1
         processor = CLIPImageProcessorPil(size={"height": rows * 14, "width": cols * 14}, do_center_crop=False)
-        ours = aimv2_pixels(image, image_size=None, max_tokens=256)[0]
+        ours = aimv2_pixels(image, native=True, max_num_patches=256)[0]
         assert torch.equal(ours, hf_pixels(processor, image))
 
 
-def test_native_grid_rules():
-    assert native_grid(480, 640) == (34, 45)  # the reference's 1530 tokens for a 640x480 image
-    assert native_grid(480, 640, max_tokens=2000) == (34, 45)
-    rows, cols = native_grid(480, 640, max_tokens=100)
+def test_floor_patch_grid_rules():
+    assert floor_patch_grid(480, 640) == (34, 45)  # the reference's 1530 tokens for a 640x480 image
+    assert floor_patch_grid(480, 640, max_num_patches=2000) == (34, 45)
+    rows, cols = floor_patch_grid(480, 640, max_num_patches=100)
     assert rows * cols <= 100 and (rows, cols) == (8, 11)
-    assert native_grid(14, 5000, max_tokens=10) == (1, 10)
+    assert floor_patch_grid(14, 5000, max_num_patches=10) == (1, 10)
     with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
-        native_grid(10, 300)
-    with pytest.raises(ValueError, match="native resolution only"):
-        aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=224, max_tokens=10)
+        floor_patch_grid(10, 300)
+    with pytest.raises(ValueError, match="max_num_patches caps native resolution; pass native=True"):
+        aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=224, max_num_patches=10)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=200)
+    with pytest.raises(ValueError, match="for native resolution pass native=True"):
+        aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=None)
 
 
 def test_real_photographs_through_both_models(tmp_path, photos):
     """Native-resolution photographs of different sizes, packed, against the reference one by one."""
-    from packvit.reference.aimv2 import ADAPTER
+    hf()
+    from packvit.harness.aimv2 import ADAPTER
 
     ckpt = ADAPTER.write_random_checkpoint(tmp_path / "native", use_head=True)
     reference = ADAPTER.load_reference(ckpt, torch.device("cpu"), torch.float32)
     packed = ADAPTER.load_packed(ckpt, torch.device("cpu"), torch.float32)
     images = [photos[name] for name in ("astronaut", "coffee", "camera", "rocket")]
-    items = ADAPTER.preprocess(images, image_size=None, max_tokens=64)
+    items = ADAPTER.preprocess(ckpt, images, native=True, max_num_patches=64)
     assert len({tuple(item.shape) for item in items}) > 1
+    assert all(torch.equal(a, b) for a, b in zip(items, aimv2_pixels(images, native=True, max_num_patches=64)))
     with torch.no_grad():
         expected = ADAPTER.run_reference(reference, items, batch_size=4)
         got = ADAPTER.run_packed(packed, items)

@@ -35,6 +35,7 @@ def photographs():
 
 
 def test_fixed_mode_equals_the_reference_processor():
+    pytest.importorskip("transformers")
     pytest.importorskip("torchvision")
     from transformers import DINOv3ViTImageProcessor
 
@@ -93,7 +94,7 @@ def test_native_size_keeps_aspect_ratio_under_the_budget():
 
 def test_native_mode_packs_every_image_at_its_own_size():
     arrays = [skimage_data.chelsea(), skimage_data.rocket(), skimage_data.page(), skimage_data.hubble_deep_field()]
-    batch = dinov3_preprocess(arrays, mode="native", max_num_patches=256)
+    batch = dinov3_preprocess(arrays, native=True, max_num_patches=256)
     assert isinstance(batch, PackedBatch)
     expected_grids = [[1, *(s // 16 for s in native_size(*a.shape[:2], 16, 256))] for a in arrays]
     assert batch.grid_thw.tolist() == expected_grids
@@ -107,14 +108,17 @@ def test_native_mode_packs_every_image_at_its_own_size():
 
 def test_fixed_mode_packs_196_patches_per_image():
     arrays = [skimage_data.coffee(), skimage_data.coins()]
-    batch = dinov3_preprocess(arrays, mode="fixed")
+    batch = dinov3_preprocess(arrays)  # native=False: the published processor
     assert batch.grid_thw.tolist() == [[1, 14, 14], [1, 14, 14]]
     patches, _ = patchify(preprocess_fixed(arrays), 16, layout="ppc")
     assert torch.equal(batch.patches, patches)
 
 
-def test_unknown_mode_and_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="mode must be 'native' or 'fixed'"):
-        dinov3_preprocess([np.zeros((16, 16, 3), np.uint8)], mode="square")
+def test_bad_settings_are_refused():
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="max_num_patches=100 caps native resolution, but native=False resizes"):
+        dinov3_preprocess([image], max_num_patches=100)
     with pytest.raises(ValueError, match="max_num_patches must be at least 1"):
         native_size(100, 100, 16, 0)
+    with pytest.raises(ValueError, match="max_num_patches must be at least 1"):
+        dinov3_preprocess([image], native=True, max_num_patches=0)

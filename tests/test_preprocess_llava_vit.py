@@ -11,18 +11,20 @@ from packvit.packing import patchify, unpatchify
 from packvit.preprocess.common import CLIP_MEAN, CLIP_STD
 from packvit.preprocess.llava_vit import (
     llava_vit_preprocess,
-    native_grid,
+    nearest_patch_grid,
     pack_items,
     preprocess_images,
     preprocess_native,
     preprocess_video,
+    timeline_positions,
+    timeline_slots,
 )
 
 PHOTOS = {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
 
 
 def published_processor(backend):
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     cls = transformers.CLIPImageProcessorPil if backend == "pil" else transformers.CLIPImageProcessor
     return cls(size={"shortest_edge": 448}, crop_size={"height": 448, "width": 448}, resample=3,
@@ -45,15 +47,15 @@ def test_published_processor_torch_backend():
     assert torch.equal(ours, expected)
 
 
-def test_native_grid_rules():
-    assert native_grid(448, 448) == (32, 32)
-    assert native_grid(300, 500) == (21, 36)  # nearest whole patches: 21.4, 35.7
-    assert native_grid(3, 5) == (1, 1)
-    rows, cols = native_grid(1000, 3000, max_tokens=1024)
+def test_nearest_patch_grid_rules():
+    assert nearest_patch_grid(448, 448) == (32, 32)
+    assert nearest_patch_grid(300, 500) == (21, 36)  # nearest whole patches: 21.4, 35.7
+    assert nearest_patch_grid(3, 5) == (1, 1)
+    rows, cols = nearest_patch_grid(1000, 3000, max_num_patches=1024)
     assert rows * cols <= 1024 and cols / rows == pytest.approx(3, rel=0.05)
-    assert native_grid(1000, 3000, max_tokens=None) == (71, 214)
-    with pytest.raises(ValueError, match="max_tokens must be positive"):
-        native_grid(1000, 1000, max_tokens=0)
+    assert nearest_patch_grid(1000, 3000, max_num_patches=None) == (71, 214)
+    with pytest.raises(ValueError, match="max_num_patches must be positive"):
+        nearest_patch_grid(1000, 1000, max_num_patches=0)
 
 
 def test_native_resolution_pixels():
@@ -62,8 +64,8 @@ def test_native_resolution_pixels():
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     expected = (torch.from_numpy(astronaut).permute(2, 0, 1).double() / 255).float()
     assert torch.allclose(exact, (expected - mean) / std, atol=1e-6)
-    resized = preprocess_native([PHOTOS["coffee"]], max_tokens=256)[0]  # 400 x 600
-    rows, cols = native_grid(400, 600, max_tokens=256)
+    resized = preprocess_native([PHOTOS["coffee"]], max_num_patches=256)[0]  # 400 x 600
+    rows, cols = nearest_patch_grid(400, 600, max_num_patches=256)
     assert resized.shape == (3, rows * 14, cols * 14) and rows * cols <= 256
     reference = Image.fromarray(PHOTOS["coffee"]).resize((cols * 14, rows * 14), Image.Resampling.BICUBIC)
     expected = (torch.from_numpy(np.array(reference)).permute(2, 0, 1).double() / 255).float()
@@ -113,7 +115,39 @@ def test_llava_vit_preprocess_images_then_videos():
     assert torch.equal(batch.patches[: 2 * 1024], expected)
     video_t = batch.patch_positions[2048:, 0].reshape(4, 256)
     assert video_t[:, 0].tolist() == [0, 21, 42, 63]
-    native = llava_vit_preprocess(images, native=True, max_tokens=400)
+    native = llava_vit_preprocess(images, native=True, max_num_patches=400)
     assert all(h * w <= 400 for _, h, w in native.grid_thw.tolist())
-    with pytest.raises(ValueError, match="nothing to preprocess"):
+    assert torch.equal(native.patches, patchify(preprocess_native(images, max_num_patches=400), 14, layout="cpp")[0])
+    assert batch.patch_layout == native.patch_layout == "cpp"
+    with pytest.raises(ValueError, match="images is empty"):
         llava_vit_preprocess([])
+    with pytest.raises(ValueError, match="nothing to preprocess"):
+        llava_vit_preprocess()
+    with pytest.raises(ValueError, match="max_num_patches=400 caps processing that keeps each image's aspect ratio"):
+        llava_vit_preprocess(images, max_num_patches=400)
+    videos_only = llava_vit_preprocess(videos=[[PHOTOS["coffee"]] * 2])
+    assert videos_only.grid_thw.tolist() == [[2, 16, 16]]
+
+
+def test_timeline_slots():
+    assert timeline_slots(range(8), 8).tolist() == [0, 9, 18, 27, 36, 45, 54, 63]
+    assert timeline_slots(range(16), 16).tolist()[:7] == [0, 4, 8, 13, 17, 21, 25]  # rounding, not truncation
+    assert timeline_slots([0, 50, 99], 100).tolist() == [0, 32, 63]
+    assert timeline_slots([0], 1).tolist() == [0]
+    with pytest.raises(ValueError, match="frame indices must lie in"):
+        timeline_slots([3, 10], 10)
+    positions = timeline_positions([5, 40], 2, 3)
+    assert positions.shape == (12, 3) and positions.dtype == torch.int64
+    assert positions[:6, 0].tolist() == [5] * 6 and positions[6:, 0].tolist() == [40] * 6
+    assert positions[:6, 1:].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+
+
+def test_preprocessing_does_not_import_the_models():
+    """The timeline lives with the processor: preprocessing pulls in no model code (nor transformers)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, packvit.preprocess.llava_vit; "
+            "print(sorted(m for m in sys.modules if m.startswith('packvit.models.llava_vit') or m == 'transformers'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

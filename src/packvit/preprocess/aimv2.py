@@ -4,40 +4,47 @@
   centre crop at the checkpoint's ``image_size``, bicubic, rescale 1/255, OpenAI CLIP mean/std;
   reproduced exactly by ``packvit.preprocess.clip`` (``backend="pil"``, the default, equals
   ``CLIPImageProcessorPil``; ``backend="torch"`` equals the torchvision-backend ``CLIPImageProcessor``).
-- The native checkpoint: every image at its own size, aspect ratio kept. Without a token cap this
-  is the reference: no resize, CLIP normalisation, and the bottom/right pixels that do not fill a
-  whole 14-pixel patch dropped (exactly what the reference's patch convolution ignores). With
-  ``max_tokens``, an image with more patches than that is first resized (bicubic, through the
-  chosen backend) to the largest grid of at most ``max_tokens`` patches with about its aspect ratio:
-  a packvit option beyond the reference.
+  Their learned position table serves only its own grid, so they take no native resolution.
+- The native checkpoint (``native=True``): every image at its own size, aspect ratio kept. Without a
+  cap this is the reference: no resize, CLIP normalisation, and the bottom/right pixels that do not
+  fill a whole 14-pixel patch dropped (exactly what the reference's patch convolution ignores,
+  ``floor_patch_grid``). With ``max_num_patches``, an image with more patches than that is first
+  resized (bicubic, through the chosen backend) to the largest grid of at most that many patches
+  with about its aspect ratio: a packvit option beyond the reference.
 
-``aimv2_preprocess`` returns a ``PackedBatch`` ready for ``AIMv2Packing``; ``aimv2_pixels`` returns
+Inputs: one image or a sequence of images, of the types every processor takes
+(``packvit.preprocess.common``: PIL images, uint8 arrays and tensors, paths opened upright by their
+EXIF orientation).
+
+``aimv2_preprocess`` returns a ``PackedBatch`` in the (p, p, C) layout; ``aimv2_pixels`` returns
 the normalised images ``[3, H, W]`` (sides multiples of 14) for the reference model.
+``AIMv2Processor`` is the family's processor for ``load_processor``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 import torch
-from PIL import Image
 
 from ..packing import PackedBatch, patchify
-from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, to_rgb_uint8
-from .common import fit_grid
+from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, settings_from_clip_fields
+from .common import check_max_num_patches, fit_grid, image_list, to_rgb_uint8
+from .processor import PreprocessorSettings, Processor
 
-__all__ = ["AIMV2_PATCH_SIZE", "native_grid", "aimv2_pixels", "aimv2_preprocess"]
+__all__ = ["AIMV2_PATCH_SIZE", "floor_patch_grid", "aimv2_pixels", "aimv2_preprocess", "AIMv2Processor"]
 
 AIMV2_PATCH_SIZE = 14
 
+#: ``size``/``crop_size`` of ``AIMv2Processor`` taken from its ``image_size`` (fixed-size) or none (native)
+_FROM_IMAGE_SIZE = object()
 
-def native_grid(height: int, width: int, patch_size: int = AIMV2_PATCH_SIZE, max_tokens: int | None = None) -> tuple[int, int]:
-    """Patch grid (rows, columns) of an image at native resolution.
 
-    ``(height // p, width // p)`` when that fits in ``max_tokens`` (or there is no cap); else the
-    grid scaled by ``sqrt(max_tokens / tokens)``, floored, then shrunk along its longer side until
-    it fits.
+def floor_patch_grid(height: int, width: int, patch_size: int = AIMV2_PATCH_SIZE,
+                     max_num_patches: int | None = None) -> tuple[int, int]:
+    """Patch grid (rows, columns) of an image at native resolution, counting whole patches only.
+
+    ``(height // p, width // p)`` (the remainder pixels dropped) when that fits in
+    ``max_num_patches`` (or there is no cap); else the grid scaled by
+    ``sqrt(max_num_patches / patches)``, floored, then shrunk along its longer side until it fits.
     """
     rows, cols = height // patch_size, width // patch_size
     if rows < 1 or cols < 1:
@@ -45,47 +52,135 @@ def native_grid(height: int, width: int, patch_size: int = AIMV2_PATCH_SIZE, max
             f"image of {height}x{width} pixels is smaller than one {patch_size}x{patch_size} patch; "
             f"AIMv2 needs at least {patch_size} pixels per side"
         )
-    if max_tokens is None or rows * cols <= max_tokens:
+    if max_num_patches is None or rows * cols <= max_num_patches:
         return rows, cols
-    return fit_grid(height / patch_size, width / patch_size, max_tokens)
+    return fit_grid(height / patch_size, width / patch_size, max_num_patches)
 
 
-def _native_pixels(image, max_tokens: int | None, backend: str, resample, device) -> torch.Tensor:
+def _native_pixels(image, max_num_patches: int | None, backend: str, resample, mean, std, device,
+                   patch_size: int = AIMV2_PATCH_SIZE) -> torch.Tensor:
     rgb = to_rgb_uint8(image, backend)  # uint8 [3, H, W]
     if device is not None and backend == "torch":
         rgb = rgb.to(device)
     height, width = rgb.shape[-2:]
-    rows, cols = native_grid(height, width, AIMV2_PATCH_SIZE, max_tokens)
-    if (rows, cols) != (height // AIMV2_PATCH_SIZE, width // AIMV2_PATCH_SIZE):
-        rgb = clip_resize(rgb, (rows * AIMV2_PATCH_SIZE, cols * AIMV2_PATCH_SIZE), resample, backend)
-    rgb = rgb[:, : rows * AIMV2_PATCH_SIZE, : cols * AIMV2_PATCH_SIZE]
-    return clip_normalize(rgb, CLIP_MEAN, CLIP_STD, backend)
+    rows, cols = floor_patch_grid(height, width, patch_size, max_num_patches)
+    if (rows, cols) != (height // patch_size, width // patch_size):
+        rgb = clip_resize(rgb, (rows * patch_size, cols * patch_size), resample, backend)
+    rgb = rgb[:, : rows * patch_size, : cols * patch_size]
+    return clip_normalize(rgb, mean, std, backend)
 
 
-def aimv2_pixels(images: Sequence, image_size: int | None = 224, *, max_tokens: int | None = None,
+def aimv2_pixels(images, image_size: int = 224, *, native: bool = False, max_num_patches: int | None = None,
                  backend: str = "pil", resample="bicubic", device=None) -> list[torch.Tensor]:
-    """Images → normalised float32 ``[3, H, W]`` tensors with H and W multiples of 14.
+    """Images (one or a sequence) → normalised float32 ``[3, H, W]`` tensors with H and W multiples of 14.
 
-    ``image_size``: the fixed-size checkpoint's resolution (224, 336, 448; shortest-edge resize and
-    centre crop), or ``None`` for native resolution (``max_tokens`` caps the patches per image).
+    ``native=False``: the fixed-size checkpoint's processor at ``image_size`` (224, 336, 448;
+    shortest-edge resize and centre crop). ``native=True``: native resolution, ``max_num_patches``
+    capping the patches per image (``None``: no cap, the native checkpoint's reference).
     ``backend``: ``"pil"`` (default, ``CLIPImageProcessorPil``) or ``"torch"`` (torchvision-backend
     ``CLIPImageProcessor``; ``device`` runs it on a GPU).
     """
-    if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
-        images = [images]
-    if image_size is None:
-        return [_native_pixels(image, max_tokens, backend, resample, device) for image in images]
-    if max_tokens is not None:
-        raise ValueError("max_tokens applies to native resolution only; pass image_size=None to use it")
+    check_max_num_patches(max_num_patches)
+    if native:
+        return [_native_pixels(image, max_num_patches, backend, resample, CLIP_MEAN, CLIP_STD, device)
+                for image in image_list(images)]
+    if max_num_patches is not None:
+        raise ValueError("max_num_patches caps native resolution; pass native=True to use it")
+    if not isinstance(image_size, int) or isinstance(image_size, bool):
+        raise ValueError(f"image_size must be an int, the fixed-size checkpoint's resolution, got {image_size!r}; "
+                         f"for native resolution pass native=True")
     if image_size % AIMV2_PATCH_SIZE:
         raise ValueError(f"image_size must be a multiple of the patch size {AIMV2_PATCH_SIZE}, got {image_size}")
     return clip_preprocess(images, size=image_size, crop_size=image_size, resample=resample, backend=backend, device=device)
 
 
-def aimv2_preprocess(images: Sequence, image_size: int | None = 224, *, max_tokens: int | None = None,
+def aimv2_preprocess(images, image_size: int = 224, *, native: bool = False, max_num_patches: int | None = None,
                      backend: str = "pil", resample="bicubic", device=None) -> PackedBatch:
     """Images → one ``PackedBatch``: patches ``[total, 14*14*3]`` in the (p, p, C) layout and
     ``grid_thw``. Arguments as in ``aimv2_pixels``."""
-    pixels = aimv2_pixels(images, image_size, max_tokens=max_tokens, backend=backend, resample=resample, device=device)
+    pixels = aimv2_pixels(images, image_size, native=native, max_num_patches=max_num_patches, backend=backend,
+                          resample=resample, device=device)
     patches, grid_thw = patchify(pixels, AIMV2_PATCH_SIZE, layout="ppc")
-    return PackedBatch(patches, grid_thw)
+    return PackedBatch(patches, grid_thw, "ppc")
+
+
+class AIMv2Processor(Processor):
+    """AIMv2's processor. A fixed-size checkpoint (``is_native=False``): the CLIP processor at
+    ``image_size``, and ``native=True`` refused. The native checkpoint: native resolution whatever
+    ``native`` says, capped where ``max_num_patches`` is given (or, where its
+    ``preprocessor_config.json`` prescribes a CLIP resize and crop, that unless ``native=True``).
+
+    ``size``/``crop_size`` (CLIP's, ``None`` for none), ``resample``, ``mean`` and ``std`` are the
+    published processor's, as read from ``preprocessor_config.json``.
+    """
+
+    family = "aimv2"
+    override_names = Processor.override_names + ("device",)
+    override_note = (" (the image size of a fixed-size AIMv2 checkpoint is its learned position table's; the native "
+                     "checkpoint keeps each image's own)")
+
+    def __init__(self, patch_size: int = AIMV2_PATCH_SIZE, *, image_size: int = 224, is_native: bool = False,
+                 size=_FROM_IMAGE_SIZE, crop_size=_FROM_IMAGE_SIZE, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
+                 max_num_patches: int | None = None, native: bool | None = None, backend: str | None = None,
+                 device=None):
+        self.image_size, self.is_native = image_size, is_native
+        if size is _FROM_IMAGE_SIZE:
+            size = None if is_native else image_size
+        if crop_size is _FROM_IMAGE_SIZE:
+            crop_size = None if is_native else (image_size, image_size)
+        self.size, self.crop_size = size, crop_size
+        self.resample, self.mean, self.std, self.device = resample, mean, std, device
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+        if not is_native and self._published_grid() != (image_size // patch_size,) * 2:
+            raise ValueError(
+                f"the published processor (size {self.size}, crop {self.crop_size}) would not give the "
+                f"{image_size}x{image_size} images this fixed-size AIMv2 checkpoint's learned position table takes"
+            )
+
+    def _published_grid(self) -> tuple[int, int] | None:
+        """The patch grid every image gets from the published resize and crop, if one."""
+        if self.crop_size is not None:
+            crop_h, crop_w = self.crop_size
+        elif isinstance(self.size, tuple):
+            crop_h, crop_w = self.size
+        else:
+            return None
+        return crop_h // self.patch_size, crop_w // self.patch_size
+
+    def keeps_aspect_ratio(self, native: bool | None) -> bool:
+        if not self.is_native:
+            if native:
+                raise ValueError(
+                    f"this AIMv2 checkpoint is fixed-size ({self.image_size}x{self.image_size}): its learned position "
+                    f"table serves only a {self.image_size // self.patch_size}x{self.image_size // self.patch_size} "
+                    f"grid, and native grids would need the model to resize that table (interpolate_pos_encoding, "
+                    f"which the reference never does); use native=False, or the native checkpoint "
+                    f"apple/aimv2-large-patch14-native (for such batches all the same: aimv2_preprocess(images, "
+                    f"native=True) and model(batch, interpolate_pos_encoding=True))"
+                )
+            return False
+        return bool(native) or (self.size is None and self.crop_size is None)
+
+    def fixed_size(self) -> str:
+        if self.crop_size is None and isinstance(self.size, int):
+            return f"resizes every image's shortest edge to {self.size} (the published CLIP processor)"
+        height, width = self.crop_size or self.size
+        return f"resizes and crops every image to {height}x{width} (the published CLIP processor)"
+
+    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
+        if native:
+            pixels = [_native_pixels(image, max_num_patches, backend, self.resample, self.mean, self.std, self.device,
+                                     self.patch_size) for image in images]
+        else:
+            pixels = clip_preprocess(images, self.size, self.crop_size, self.resample, self.mean, self.std, backend,
+                                     self.device)
+            p = self.patch_size  # the patch convolution drops the pixels that fill no whole patch
+            pixels = [item[:, : item.shape[1] // p * p, : item.shape[2] // p * p] for item in pixels]
+        patches, grid_thw = patchify(pixels, self.patch_size, layout="ppc")
+        return PackedBatch(patches, grid_thw, "ppc")
+
+    @classmethod
+    def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "AIMv2Processor":
+        side = config.image_size
+        clip = settings_from_clip_fields(fields, *((None, None) if config.is_native else (side, (side, side))))
+        return cls(config.patch_size, image_size=config.image_size, is_native=config.is_native, **clip, **overrides)

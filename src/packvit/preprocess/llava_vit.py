@@ -4,100 +4,147 @@
   bicubic, rescale 1/255 and OpenAI CLIP mean/std (``packvit.preprocess.clip``; ``backend="pil"``
   equals ``CLIPImageProcessorPil``, ``"torch"`` the torchvision-backend class).
 - **Images, native resolution**: each image resized (bicubic, aspect ratio kept) to the nearest
-  grid of whole 14-pixel patches, scaled down to at most ``max_tokens`` patches; no crop.
+  grid of whole 14-pixel patches (``nearest_patch_grid``), scaled down to at most
+  ``max_num_patches`` patches; no crop.
 - **Video frames**: every frame through the CLIP processor at 224 (16 x 16 patches), each frame
   placed on the 64-slot timeline the model was trained with (``timeline_slots``).
 
+Inputs: one image or a sequence of images, of the types every processor takes
+(``packvit.preprocess.common``: PIL images, uint8 arrays and tensors, paths opened upright by their
+EXIF orientation); a video is a sequence of such frames or a uint8 array ``[T, H, W, C]``.
+
 ``pack_items`` turns normalised items into one ``PackedBatch``: patches ``[total, 3*14*14]`` in the
 (C, p, p) layout, ``grid_thw`` and ``patch_positions [total, 3]`` (t, row, column).
+``LlavaViTProcessor`` is the family's processor for ``load_processor``.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..models.llava_vit import timeline_positions, timeline_slots
 from ..packing import PackedBatch, patchify
-from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, to_rgb_uint8
-from .common import fit_grid
+from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, settings_from_clip_fields
+from .common import check_max_num_patches, fit_grid, image_list, to_rgb_uint8
+from .processor import PreprocessorSettings, Processor
 
 __all__ = [
     "LLAVA_VIT_PATCH_SIZE",
     "LLAVA_VIT_IMAGE_SIZE",
     "LLAVA_VIT_FRAME_SIZE",
-    "native_grid",
+    "LLAVA_VIT_MAX_NUM_PATCHES",
+    "timeline_slots",
+    "timeline_positions",
+    "nearest_patch_grid",
     "preprocess_images",
     "preprocess_native",
     "preprocess_video",
     "pack_items",
     "llava_vit_preprocess",
+    "LlavaViTProcessor",
 ]
 
 LLAVA_VIT_PATCH_SIZE = 14
 LLAVA_VIT_IMAGE_SIZE = 448
 LLAVA_VIT_FRAME_SIZE = 224
+#: native resolution's default cap: the pre-training token count (448 x 448)
+LLAVA_VIT_MAX_NUM_PATCHES = 1024
 
 
-def _as_list(images) -> list:
-    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-        return [images]
-    if isinstance(images, torch.Tensor) and images.dim() == 3:
-        return [images]
-    return list(images)
+# Positions: images (0, row, column); videos on the 64-slot timeline
 
 
-def preprocess_images(images: Sequence, size: int = LLAVA_VIT_IMAGE_SIZE, backend: str = "pil",
-                      device=None) -> list[torch.Tensor]:
-    """The published processor: images → float32 ``[3, size, size]`` (shortest edge and centre crop
-    at ``size``, bicubic, CLIP mean/std)."""
+def timeline_slots(frame_indices: Sequence[int] | torch.Tensor, total_frames: int, num_slots: int = 64) -> torch.Tensor:
+    """Timeline slot of each sampled frame: ``round(index / (total_frames - 1) * (num_slots - 1))``.
+
+    ``frame_indices`` are indices into the source video (``0 <= index < total_frames``); returns
+    int64 ``[len(frame_indices)]``. Rounding (half to even, as Python's ``round``) is the rule of
+    the published evaluation and conversion code, and it puts a frame on its nearest slot;
+    truncating ``linspace(0, 63, n)`` (the README's recipe) gives the same slots for 8 uniform
+    frames but shifts others down by up to one slot (16 frames: 0, 4, 8, 12, 16, 21 ... instead of
+    0, 4, 8, 13, 17, 21 ...). A one-frame video sits on slot 0.
+    """
+    indices = torch.as_tensor(frame_indices, dtype=torch.float64).reshape(-1)
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be at least 1, got {total_frames}")
+    if indices.numel() and (indices.min() < 0 or indices.max() > total_frames - 1):
+        raise ValueError(
+            f"frame indices must lie in [0, {total_frames - 1}] for a video of {total_frames} frames, got "
+            f"values from {indices.min().item():g} to {indices.max().item():g}"
+        )
+    if total_frames == 1:
+        return torch.zeros(indices.shape, dtype=torch.int64)
+    return torch.round(indices / (total_frames - 1) * (num_slots - 1)).to(torch.int64)
+
+
+def timeline_positions(slots: Sequence[int] | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``patch_positions [T*h*w, 3]`` (slot, row, column) of a video whose frame i sits on ``slots[i]``."""
+    slots = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    frame = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)  # [h*w, 2]
+    # [T, 1, 1] and [1, h*w, 2] → [T, h*w, 3] → [T*h*w, 3]
+    t = slots[:, None, None].expand(-1, height * width, 1)
+    return torch.cat([t, frame[None].expand(slots.numel(), -1, -1)], dim=-1).reshape(-1, 3)
+
+
+# Images and videos
+
+
+def preprocess_images(images, size: int = LLAVA_VIT_IMAGE_SIZE, backend: str = "pil", device=None, *,
+                      resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD) -> list[torch.Tensor]:
+    """The published processor: images (one or a sequence) → float32 ``[3, size, size]``
+    (shortest edge and centre crop at ``size``, bicubic, CLIP mean/std)."""
     if size % LLAVA_VIT_PATCH_SIZE:
         raise ValueError(f"size must be a multiple of the patch size {LLAVA_VIT_PATCH_SIZE}, got {size}")
-    return clip_preprocess(_as_list(images), size=size, crop_size=size, resample="bicubic", backend=backend, device=device)
+    return clip_preprocess(images, size=size, crop_size=size, resample=resample, mean=mean, std=std, backend=backend,
+                           device=device)
 
 
-def native_grid(height: int, width: int, patch_size: int = LLAVA_VIT_PATCH_SIZE, max_tokens: int | None = 1024) -> tuple[int, int]:
-    """Patch grid (rows, columns) of an image at native resolution.
+def nearest_patch_grid(height: int, width: int, patch_size: int = LLAVA_VIT_PATCH_SIZE,
+                       max_num_patches: int | None = LLAVA_VIT_MAX_NUM_PATCHES) -> tuple[int, int]:
+    """Patch grid (rows, columns) of an image at native resolution, each side rounded to the
+    nearest whole number of patches.
 
-    Each side rounded to the nearest whole number of patches (at least one); when that exceeds
-    ``max_tokens``, the grid scaled by ``sqrt(max_tokens / tokens)`` and floored (at least one
-    patch per side), then shrunk along its longer side until it fits.
+    At least one patch per side; when that exceeds ``max_num_patches``, the grid scaled by
+    ``sqrt(max_num_patches / patches)`` and floored (at least one patch per side), then shrunk
+    along its longer side until it fits.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     rows, cols = max(1, round(height / patch_size)), max(1, round(width / patch_size))
-    if max_tokens is None or rows * cols <= max_tokens:
+    if max_num_patches is None or rows * cols <= max_num_patches:
         return rows, cols
-    return fit_grid(rows, cols, max_tokens)
+    return fit_grid(rows, cols, max_num_patches)
 
 
-def preprocess_native(images: Sequence, max_tokens: int | None = 1024, backend: str = "pil", resample="bicubic",
-                      device=None) -> list[torch.Tensor]:
-    """Images at native resolution → float32 ``[3, 14 rows, 14 cols]`` with ``native_grid``'s grid.
+def preprocess_native(images, max_num_patches: int | None = LLAVA_VIT_MAX_NUM_PATCHES, backend: str = "pil",
+                      resample="bicubic", device=None, *, mean=CLIP_MEAN, std=CLIP_STD,
+                      patch_size: int = LLAVA_VIT_PATCH_SIZE) -> list[torch.Tensor]:
+    """Images (one or a sequence) at native resolution → float32 ``[3, 14 rows, 14 cols]`` with
+    ``nearest_patch_grid``'s grid.
 
     An image already a whole number of patches per side (within the cap) is not resampled.
-    ``max_tokens`` defaults to 1024, the pre-training token count (448 x 448).
+    ``max_num_patches`` defaults to 1024, the pre-training token count (448 x 448).
     """
+    check_max_num_patches(max_num_patches)
     pixels = []
-    for image in _as_list(images):
+    for image in image_list(images):
         rgb = to_rgb_uint8(image, backend)  # uint8 [3, H, W]
         if device is not None and backend == "torch":
             rgb = rgb.to(device)
         height, width = rgb.shape[-2:]
-        rows, cols = native_grid(height, width, LLAVA_VIT_PATCH_SIZE, max_tokens)
-        target = (rows * LLAVA_VIT_PATCH_SIZE, cols * LLAVA_VIT_PATCH_SIZE)
+        rows, cols = nearest_patch_grid(height, width, patch_size, max_num_patches)
+        target = (rows * patch_size, cols * patch_size)
         if target != (height, width):
             rgb = clip_resize(rgb, target, resample, backend)
-        pixels.append(clip_normalize(rgb, CLIP_MEAN, CLIP_STD, backend))
+        pixels.append(clip_normalize(rgb, mean, std, backend))
     return pixels
 
 
-def preprocess_video(frames: Sequence, frame_indices: Sequence[int] | None = None, total_frames: int | None = None,
+def preprocess_video(frames, frame_indices: Sequence[int] | None = None, total_frames: int | None = None,
                      size: int = LLAVA_VIT_FRAME_SIZE, num_slots: int = 64, backend: str = "pil",
-                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     device=None, *, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled video frames → ``(pixels [T, 3, size, size], slots [T])``.
 
     ``frame_indices`` are the frames' indices in the source video of ``total_frames`` frames; each
@@ -106,9 +153,7 @@ def preprocess_video(frames: Sequence, frame_indices: Sequence[int] | None = Non
     ``0 .. T-1`` of a ``T``-frame video. ``frames``: a sequence of images or a uint8 array
     ``[T, H, W, C]``.
     """
-    frames = list(frames)
-    if not frames:
-        raise ValueError("a video needs at least one frame")
+    frames = image_list(frames, "frames")
     if frame_indices is None:
         if total_frames is not None:
             raise ValueError("total_frames needs frame_indices: pass the index of every sampled frame")
@@ -118,7 +163,8 @@ def preprocess_video(frames: Sequence, frame_indices: Sequence[int] | None = Non
     slots = timeline_slots(frame_indices, total_frames, num_slots)
     if slots.numel() != len(frames):
         raise ValueError(f"got {slots.numel()} frame indices for {len(frames)} frames")
-    pixels = torch.stack(preprocess_images(frames, size=size, backend=backend, device=device))
+    pixels = torch.stack(preprocess_images(frames, size=size, backend=backend, device=device, resample=resample,
+                                           mean=mean, std=std))
     return pixels, slots
 
 
@@ -143,19 +189,75 @@ def pack_items(items: Sequence[torch.Tensor], slots: Sequence[torch.Tensor | Non
     return PackedBatch(patches, grid_thw, "cpp", torch.cat(positions))
 
 
-def llava_vit_preprocess(images: Sequence = (), videos: Sequence = (), *, native: bool = False,
-                         max_tokens: int | None = 1024, backend: str = "pil", device=None) -> PackedBatch:
-    """Images (published processor, or ``native`` resolution) then videos (each a sequence of
-    uniformly sampled frames, at 224 on the 64-slot timeline) → one ``PackedBatch`` for
-    ``LlavaViTPackingModel(batch.patches, batch.grid_thw, patch_positions=batch.patch_positions)``."""
-    images = _as_list(images)
-    if native:
-        pixels = preprocess_native(images, max_tokens=max_tokens, backend=backend, device=device)
-    else:
-        pixels = preprocess_images(images, backend=backend, device=device) if images else []
-    clips = [preprocess_video(frames, backend=backend, device=device) for frames in videos]
-    if not pixels and not clips:
-        raise ValueError("nothing to preprocess: pass images and/or videos")
-    items = list(pixels) + [clip for clip, _ in clips]
-    slots = [None] * len(pixels) + [clip_slots for _, clip_slots in clips]
-    return pack_items(items, slots)
+def llava_vit_preprocess(images=None, videos=None, *, native: bool = False, max_num_patches: int | None = None,
+                         backend: str = "pil", device=None) -> PackedBatch:
+    """Images (the published processor, or ``native`` resolution with at most ``max_num_patches``
+    patches, default 1024), then videos (each a sequence of uniformly sampled frames or a uint8
+    array ``[T, H, W, C]``, at 224 on the 64-slot timeline) → one ``PackedBatch`` in the
+    (C, p, p) layout with ``patch_positions``."""
+    processor = LlavaViTProcessor(native=native, backend=backend, device=device)
+    return processor(images, videos, max_num_patches=max_num_patches)
+
+
+class LlavaViTProcessor(Processor):
+    """The OneVision Encoder's processor: the published CLIP processor (448 crop) unless ``native``
+    (``nearest_patch_grid`` under ``max_num_patches``, default 1024); videos always at
+    ``frame_size`` (224) on the 64-slot timeline, frames sampled uniformly from first to last
+    (for other samplings, ``preprocess_video`` with ``frame_indices`` and ``pack_items``).
+
+    ``image_size`` sets the shortest edge and the crop of images together; ``size``/``crop_size``
+    (CLIP's), ``resample``, ``mean`` and ``std`` are the published processor's, as read from
+    ``preprocessor_config.json``.
+    """
+
+    family = "llava_vit"
+    patch_layout = "cpp"
+    takes_videos = True
+    default_max_num_patches = LLAVA_VIT_MAX_NUM_PATCHES
+    override_names = Processor.override_names + ("image_size", "device")
+
+    def __init__(self, patch_size: int = LLAVA_VIT_PATCH_SIZE, *, image_size: int | None = None,
+                 size=LLAVA_VIT_IMAGE_SIZE, crop_size=(LLAVA_VIT_IMAGE_SIZE,) * 2, frame_size: int = LLAVA_VIT_FRAME_SIZE,
+                 resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD, max_num_patches: int | None = None,
+                 native: bool | None = None, backend: str | None = None, device=None):
+        if image_size is not None:
+            size, crop_size = image_size, (image_size, image_size)
+        for name, side in (("image size", crop_size), ("frame_size", frame_size)):
+            if side is None or any(s % patch_size for s in ((side,) if isinstance(side, int) else side)):
+                raise ValueError(f"{name} {side} must be a multiple of the patch size {patch_size}")
+        self.size, self.crop_size, self.frame_size = size, crop_size, frame_size
+        self.resample, self.mean, self.std, self.device = resample, mean, std, device
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+
+    def keeps_aspect_ratio(self, native: bool | None) -> bool:
+        return bool(native)
+
+    def fixed_size(self) -> str:
+        crop_h, crop_w = self.crop_size
+        return f"resizes and crops every image to {crop_h}x{crop_w} (the published CLIP processor)"
+
+    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
+        clip = dict(resample=self.resample, mean=self.mean, std=self.std)
+        if not images:
+            pixels = []
+        elif native:
+            pixels = preprocess_native(images, max_num_patches, backend, device=self.device,
+                                       patch_size=self.patch_size, **clip)
+        else:
+            pixels = clip_preprocess(images, self.size, self.crop_size, backend=backend, device=self.device, **clip)
+        clips = [preprocess_video(frames, size=self.frame_size, backend=backend, device=self.device, **clip)
+                 for frames in videos]
+        items = list(pixels) + [frames for frames, _ in clips]
+        slots = [None] * len(pixels) + [frame_slots for _, frame_slots in clips]
+        return pack_items(items, slots, self.patch_size)
+
+    @classmethod
+    def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "LlavaViTProcessor":
+        side = config.image_size
+        clip = settings_from_clip_fields(fields, side, (side, side))
+        if clip["crop_size"] is None:
+            raise ValueError(
+                f"{fields.source} turns the centre crop off; packvit's OneVision processor reproduces the published "
+                f"resize and crop (images of one size), or native resolution with native=True"
+            )
+        return cls(config.patch_size, **clip, **overrides)

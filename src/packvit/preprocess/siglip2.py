@@ -19,17 +19,20 @@ Two backends, matching transformers 5.23's two classes bit for bit:
 The two backends round their bilinear filters differently, so resized pixels can differ by one
 uint8 level (1/127.5 after normalisation); pick the backend the pipeline you compare with used.
 
-Inputs: PIL images of any mode, uint8 NumPy arrays ``[H, W]`` or ``[H, W, C]`` with 1, 3 or 4
-channels, or uint8 tensors ``[C, H, W]``. RGB images pass unchanged; others are converted to RGB
-as transformers does with ``do_convert_rgb=True`` (transparency composited onto white), where
-the reference processor, whose default leaves ``do_convert_rgb`` unset, would reject them.
+Inputs: one image or a sequence of images, of the types every processor takes
+(``packvit.preprocess.common``: PIL images, uint8 arrays and tensors, paths opened upright by their
+EXIF orientation). RGB images pass unchanged; others are converted to RGB as transformers does with
+``do_convert_rgb=True`` (transparency composited onto white), where the reference processor, whose
+default leaves ``do_convert_rgb`` unset, would reject them.
+
+``Siglip2Processor`` is the family's processor for ``load_processor``: NaFlex whatever ``native``
+says (the published processor keeps aspect ratios), at the checkpoint's ``max_num_patches``.
 """
 
 from __future__ import annotations
 
 import math
 import platform
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..packing import PackedBatch, patchify
-from .common import HALF_MEAN, HALF_STD, check_backend, rescale_and_normalize, to_rgb_uint8
+from .common import HALF_MEAN, HALF_STD, check_backend, image_list, rescale_and_normalize, to_rgb_uint8
+from .processor import PreprocessorSettings, Processor
 
 __all__ = [
     "SIGLIP2_PATCH_SIZE",
@@ -48,11 +52,11 @@ __all__ = [
     "siglip2_normalize",
     "siglip2_images",
     "siglip2_preprocess",
+    "Siglip2Processor",
 ]
 
 SIGLIP2_PATCH_SIZE = 16
 SIGLIP2_MAX_NUM_PATCHES = 256
-
 
 
 def target_size_for_max_num_patches(
@@ -109,33 +113,71 @@ def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEA
     return rescale_and_normalize(image, mean, std, backend, rescale_factor)
 
 
-def siglip2_images(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
+def siglip2_images(images, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
                    patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> list[torch.Tensor]:
-    """Images → normalised float32 ``[3, H', W']`` tensors (sides multiples of ``patch_size``).
+    """Images (one or a sequence) → normalised float32 ``[3, H', W']`` tensors (sides multiples of
+    ``patch_size``).
 
     ``device`` (``"torch"`` backend only) is where the resize and normalisation run.
     """
     check_backend(backend)
-    if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() == 3):
-        images = [images]
     items = []
-    for image in images:
+    for image in image_list(images):
         rgb = to_rgb_uint8(image, backend)
         if device is not None and backend == "torch":
             rgb = rgb.to(device)
         size = target_size_for_max_num_patches(rgb.shape[-2], rgb.shape[-1], patch_size, max_num_patches)
         items.append(siglip2_normalize(siglip2_resize(rgb, size, backend), backend))
-    if not items:
-        raise ValueError("siglip2 preprocessing needs at least one image")
     return items
 
 
-def siglip2_preprocess(images: Sequence, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
+def siglip2_preprocess(images, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
                        patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> PackedBatch:
-    """Images → ``PackedBatch(patches [sum h*w, p*p*3] float32, grid_thw [num_images, 3])``.
+    """Images → ``PackedBatch(patches [sum h*w, p*p*3] float32, grid_thw [num_images, 3])`` in the
+    (p, p, C) layout.
 
     Item ``i``'s rows equal the first ``h_i * w_i`` rows of the reference processor's
     ``pixel_values[i]`` and its grid row is ``(1, *spatial_shapes[i])``.
     """
-    patches, grid_thw = patchify(siglip2_images(images, max_num_patches, backend, patch_size, device), patch_size, layout="ppc")
-    return PackedBatch(patches, grid_thw)
+    items = siglip2_images(images, max_num_patches, backend, patch_size, device)  # [3, H', W'] each
+    patches, grid_thw = patchify(items, patch_size, layout="ppc")
+    return PackedBatch(patches, grid_thw, "ppc")
+
+
+class Siglip2Processor(Processor):
+    """SigLIP2 NaFlex's processor: ``siglip2_preprocess`` at the checkpoint's ``max_num_patches``
+    (default 256), backend ``"torch"`` by default; ``native`` changes nothing (NaFlex keeps aspect
+    ratios)."""
+
+    family = "siglip2"
+    backends = ("torch", "pil")
+    override_names = Processor.override_names + ("device",)
+    override_note = " (NaFlex has no fixed image size: max_num_patches sets how large images become)"
+    default_max_num_patches = SIGLIP2_MAX_NUM_PATCHES
+
+    def __init__(self, patch_size: int = SIGLIP2_PATCH_SIZE, *, max_num_patches: int | None = None,
+                 native: bool | None = None, backend: str | None = None, device=None):
+        self.device = device
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+
+    def keeps_aspect_ratio(self, native: bool | None) -> bool:
+        return True
+
+    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
+        return siglip2_preprocess(images, max_num_patches, backend, self.patch_size, self.device)
+
+    @classmethod
+    def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "Siglip2Processor":
+        fields.require_published(("Siglip2ImageProcessor", "Siglip2ImageProcessorFast", "Siglip2ImageProcessorPil"))
+        fields.require("do_resize", True)
+        fields.require("resample", 2)
+        fields.require("image_mean", list(HALF_MEAN))
+        fields.require("image_std", list(HALF_STD))
+        patch_size = fields.take("patch_size", config.patch_size)
+        if patch_size != config.patch_size:
+            raise ValueError(
+                f"{fields.source} has patch_size {patch_size} but the model's config.json has {config.patch_size}; "
+                f"the two files disagree: fix the one that is wrong"
+            )
+        overrides.setdefault("max_num_patches", fields.take("max_num_patches"))
+        return cls(config.patch_size, **overrides)
