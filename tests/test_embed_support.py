@@ -26,11 +26,15 @@ BAD = {"corrupt.png": "decode_error", "truncated.jpg": "decode_error", "not_an_i
 
 
 def random_checkpoint(root: Path, family: str = "siglip2", size: str = "tiny") -> Path:
-    """A random checkpoint of ``family`` written by the harness into ``root``."""
+    """A random checkpoint of ``family`` written by the harness into ``root`` (the test skips where
+    the installed transformers lacks the family's reference)."""
     pytest.importorskip("transformers")
     from packvit.harness import get_adapter
 
-    return Path(get_adapter(family).write_random_checkpoint(root, size=size))
+    try:
+        return Path(get_adapter(family).write_random_checkpoint(root, size=size))
+    except ValueError as error:  # the harness names the transformers release the reference needs
+        pytest.skip(str(error))
 
 
 def _photo(name: str) -> np.ndarray:

@@ -126,24 +126,28 @@ class _Collate:
 
 
 def _baseline_processor():
+    """transformers' SigLIP2 processor as ``AutoImageProcessor`` gives it: torchvision-backed where
+    torchvision is installed (5.x ``Siglip2ImageProcessor``, 4.x ``...Fast``), else the PIL class."""
     import importlib.util
 
     import transformers
 
+    five = int(transformers.__version__.split(".")[0]) >= 5
     if importlib.util.find_spec("torchvision") is not None:
-        return transformers.Siglip2ImageProcessor(), "Siglip2ImageProcessor (torchvision backend)"
-    return transformers.Siglip2ImageProcessorPil(), "Siglip2ImageProcessorPil (torchvision not installed)"
+        name = "Siglip2ImageProcessor" if five else "Siglip2ImageProcessorFast"
+        return getattr(transformers, name)(), f"{name} (torchvision backend)"
+    name = "Siglip2ImageProcessorPil" if five else "Siglip2ImageProcessor"
+    return getattr(transformers, name)(), f"{name} (PIL backend: torchvision not installed)"
 
 
 @torch.inference_mode()
 def _transformers_pass(checkpoint: Path, paths: list[str], workers: int, device: torch.device, dtype: torch.dtype,
                        max_num_patches: int, output: Path) -> dict:
     """transformers' processor and model behind a DataLoader, batches of 32, pooled embeddings saved."""
-    from transformers import Siglip2VisionModel
-
+    from ..harness import get_adapter
     from .dataset import init_worker
 
-    model = Siglip2VisionModel.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = get_adapter("siglip2").load_reference(checkpoint, device, dtype)  # Siglip2VisionModel, sdpa
     processor, processor_name = _baseline_processor()
 
     def loader(subset):
