@@ -224,7 +224,6 @@ def test_video_frames_are_items_for_an_image_family(checkpoint, model, tmp_path)
     assert manifest["settings"]["processor"]["videos"] == "frames as items"
 
 
-@pytest.mark.skipif(not hasattr(packvit, "load_processor"), reason="needs packvit.load_processor (OneVision's video processor)")
 def test_video_is_one_clip_on_the_timeline_for_onevision(tmp_path):
     checkpoint = random_checkpoint(tmp_path / "checkpoint", family="llava_vit")
     source = tmp_path / "videos"
@@ -298,7 +297,6 @@ def test_settings_a_run_cannot_take_are_refused_before_the_output_is_touched(che
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not hasattr(packvit, "load_processor"), reason="needs packvit.load_processor")
 def test_processor_settings_a_family_refuses_are_refused_before_the_output_is_touched(images, tmp_path):
     checkpoint = random_checkpoint(tmp_path / "checkpoint", family="dinov3")
     with pytest.raises(ValueError, match=r"the dinov3 processor of .* refuses these settings \(max_num_patches=64"):

@@ -22,7 +22,8 @@ GOOD = ("astronaut.jpg", "wide.png", "tall.webp", "gray.png", "gray_alpha.png", 
         "rgba.png", "cmyk.jpg", "bilevel.bmp", "sixteen_bit.png", "one_pixel.png", "exif_rotated.jpg",
         "nested/deeper/coffee.jpeg", "nested/UPPER.JPG")
 BAD = {"corrupt.png": "decode_error", "truncated.jpg": "decode_error", "not_an_image.jpg": "not_an_image",
-       "zero_bytes.jpg": "empty", "photo.heic": "unsupported", "dangling.jpg": "unreadable", "huge.png": "too_large"}
+       "zero_bytes.jpg": "empty", "photo.heic": "unsupported", "dangling.jpg": "unreadable", "huge.png": "too_large",
+       "float.tif": "preprocess_error"}
 
 
 def random_checkpoint(root: Path, family: str = "siglip2", size: str = "tiny") -> Path:
@@ -93,6 +94,7 @@ def write_image_folder(root: Path, with_bad: bool = True) -> Path:
         (root / "photo.heic").write_bytes(jpeg)
         os.symlink(root / "no_such_file.jpg", root / "dangling.jpg")
         (root / "huge.png").write_bytes(_png_with_size(30_000, 20_000))
+        Image.fromarray(camera[:40, :40].astype(np.float32) / 255).save(root / "float.tif")  # mode F: refused
     return root
 
 
@@ -118,11 +120,7 @@ def preprocess_alone(checkpoint: Path, image, max_num_patches: int = MAX_NUM_PAT
     """The checkpoint's own processor on one image (a path opened with its EXIF orientation, or PIL)."""
     if isinstance(image, (str, Path)):
         image = ImageOps.exif_transpose(Image.open(image))
-    if hasattr(packvit, "load_processor"):
-        return packvit.load_processor(str(checkpoint))(images=[image], max_num_patches=max_num_patches, native=True)
-    from packvit.preprocess.siglip2 import siglip2_preprocess
-
-    return siglip2_preprocess([image], max_num_patches=max_num_patches)
+    return packvit.load_processor(str(checkpoint))(images=[image], max_num_patches=max_num_patches, native=True)
 
 
 @torch.inference_mode()

@@ -56,22 +56,8 @@ class ProcessorSpec:
         """The processor: ``processor(images=None, videos=None) -> PackedBatch``."""
         import packvit
 
-        if hasattr(packvit, "load_processor"):
-            return functools.partial(packvit.load_processor(self.checkpoint), native=self.native,
-                                     max_num_patches=self.max_num_patches)
-        return self._build_siglip2()
-
-    def _build_siglip2(self):
-        from ..preprocess.siglip2 import SIGLIP2_MAX_NUM_PATCHES, siglip2_preprocess
-
-        max_num_patches = self.max_num_patches or SIGLIP2_MAX_NUM_PATCHES
-
-        def run(images=None, videos=None) -> PackedBatch:
-            if videos:
-                raise ValueError("siglip2 takes no videos: pass the frames as images")
-            return siglip2_preprocess(images, max_num_patches=max_num_patches)
-
-        return run
+        return functools.partial(packvit.load_processor(self.checkpoint), native=self.native,
+                                 max_num_patches=self.max_num_patches)
 
 
 @dataclass(frozen=True)
