@@ -35,8 +35,9 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
-def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a hub id fetched (config and safetensors only) into the cache."""
+def resolve_checkpoint(ckpt: str | os.PathLike, patterns: Sequence[str] = ("*.json", "*.safetensors")) -> Path:
+    """A local checkpoint directory, or a hub id whose files matching ``patterns`` (by default the
+    JSON files and the safetensors) are fetched into the cache."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
         return path
@@ -55,7 +56,7 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
             f"'packvit[hub]'); or download the checkpoint and pass its directory"
         ) from error
     try:
-        return Path(snapshot_download(str(ckpt), allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(str(ckpt), allow_patterns=list(patterns)))
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else ""
         raise ValueError(

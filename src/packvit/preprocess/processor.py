@@ -280,7 +280,7 @@ def load_processor(source, **overrides) -> Processor:
     ``ValueError`` naming it.
     """
     if isinstance(source, (str, os.PathLike)):
-        directory = resolve_checkpoint(source)
+        directory = resolve_checkpoint(source, patterns=("*.json",))
         family, config = family_config(read_config_dict(directory), str(Path(directory) / "config.json"))
         fields = read_preprocessor_config(directory)
         where = str(Path(directory) / PREPROCESSOR_CONFIG)
