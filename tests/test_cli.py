@@ -36,6 +36,7 @@ def test_readme_commands_are_what_ci_runs():
     (["bench", "--smoke", "--repeats", "0"], "--repeats: must be at least 1, got 0"),
     (["bench", "--smoke", "--items", "0"], "--items: must be at least 1, got 0"),
     (["info", "--head_dim", "-8"], "--head_dim: must be at least 1, got -8"),
+    (["bench", "--smoke", "--token_budget", "0"], "--token_budget: must be at least 1, got 0"),
 ])
 def test_bad_numbers_are_refused_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -59,3 +60,15 @@ def test_bench_refuses_cpu_without_smoke():
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--smoke"):
         cli.main(["bench", "--models", "siglip2"])
+
+
+def test_image_size_smaller_than_a_patch(capsys):
+    assert cli.main(["align", "llava_vit", "--image_size", "10"]) == 2
+    assert "--image_size 10 is smaller than one 14-pixel patch of llava_vit" in capsys.readouterr().err
+
+
+def test_align_without_transformers_names_the_install():
+    code = "import sys; sys.modules['transformers'] = None; from packvit import cli; sys.exit(cli.main(['align', 'siglip2']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "transformers is not installed; pip install 'packvit[align]'" in result.stderr and "Traceback" not in result.stderr
