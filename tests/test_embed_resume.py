@@ -40,9 +40,14 @@ def uninterrupted(checkpoint, images, tmp_path_factory):
 
 
 def _shard_files(output: Path) -> dict[str, tuple[int, int]]:
-    """``{file: (inode, mtime_ns)}`` of every shard file."""
-    return {str(f.relative_to(output)): (f.stat().st_ino, f.stat().st_mtime_ns)
-            for folder in ("img_emb", "metadata") for f in sorted((output / folder).glob("*_*.*"))}
+    """``{file: (inode, mtime_ns)}`` of the files of every finished shard: one whose metadata, renamed
+    last, is there (a killed run can leave a shard with its npy renamed and its metadata not)."""
+    files = {}
+    for metadata in sorted(output.glob("metadata/metadata_*.parquet")):
+        embeddings = output / "img_emb" / metadata.name.replace("metadata", "img_emb").replace(".parquet", ".npy")
+        for f in (metadata, embeddings):
+            files[str(f.relative_to(output))] = (f.stat().st_ino, f.stat().st_mtime_ns)
+    return files
 
 
 def _assert_same_results(output: Path, uninterrupted) -> None:
