@@ -258,6 +258,17 @@ def _environment(device: torch.device) -> dict:
     return {**versions(), "gpu": gpu, "cpu_cores": cores, "platform": platform.platform()}
 
 
+def _bound(result: dict) -> str:
+    """What limits the end-to-end rate: the input pipeline, the forward, or neither."""
+    p, f = result["packvit"], result["forward_only"]
+    ceiling = min(f["input_items_per_s"], f["forward_items_per_s"])
+    limit = (f"the input pipeline ({p['workers']} workers decode and preprocess {f['input_items_per_s']:,.0f} items/s)"
+             if f["input_items_per_s"] < f["forward_items_per_s"] else
+             f"the forward ({f['forward_items_per_s']:,.0f} items/s)")
+    return (f"bound by {limit}: end to end reaches {p['items_per_s'] / ceiling:.0%} of that; the other runs at "
+            f"{max(f['input_items_per_s'], f['forward_items_per_s']):,.0f} items/s")
+
+
 def _table(result: dict) -> str:
     p, f, b = result["packvit"], result["forward_only"], result["transformers"]
     mib = lambda value: "-" if value is None else f"{value:,.0f}"  # noqa: E731
@@ -276,6 +287,7 @@ def _table(result: dict) -> str:
         f"(target >= 0.999 in bf16)",
         f"end-to-end time: {p['data_wait_share']:.0%} waiting for the workers, {p['writer_wait_share']:.0%} waiting on "
         f"the GPU and writer",
+        _bound(result),
     ]
     return "\n".join(lines)
 

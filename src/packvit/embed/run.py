@@ -309,7 +309,7 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
     (a path, a brace pattern, or a list of them). Reruns continue where a run stopped.
     ``on_task_done(task_index)`` is called after each shard this process writes.
     """
-    options = EmbedOptions(**{key: tuple(value) if key == "layers" else value for key, value in options.items()})
+    options = EmbedOptions(**{key: tuple(value or ()) if key == "layers" else value for key, value in options.items()})
     require_pyarrow()
     ranks = _Ranks.from_environment()
     try:
