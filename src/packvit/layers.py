@@ -141,21 +141,40 @@ class VarlenContext:
 class FusedQKVSelfAttention(nn.Module):
     """Multi-head self-attention with one ``qkv`` projection (rows q, k, v) and an output ``proj``.
 
+    ``qkv_bias``: whether the projection has a bias, or a (q, k, v) triple of flags for a fused
+    bias of which only some parts exist (``bias_parts``). The absent parts are stored as zeros
+    (the checkpoint layout of one ``[3 * dim]`` bias) and used as zeros without gradient: with a
+    rotary table after the projection a key bias is not softmax-invariant, so an absent part that
+    took gradient would be trained into a parameter the architecture does not have.
     ``rotary``, if given, rotates queries and keys ``[S, H, hd]`` after projection.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool | tuple[bool, bool, bool] = True, proj_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        parts = (qkv_bias,) * 3 if isinstance(qkv_bias, bool) else tuple(bool(flag) for flag in qkv_bias)
+        if len(parts) != 3:
+            raise ValueError(f"qkv_bias is a bool or three flags (q, k, v), got {qkv_bias!r}")
+        self.qkv = nn.Linear(dim, 3 * dim, bias=any(parts))
+        #: which of the q, k, v parts of the fused bias exist (absent parts: zeros without gradient)
+        self.bias_parts: tuple[bool, bool, bool] = parts if any(parts) else (True, True, True)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [S, D]`` → ``[S, 3 * D]`` (rows q, k, v), the absent bias parts as zeros."""
+        bias = self.qkv.bias
+        if bias is None or all(self.bias_parts):
+            return self.qkv(x)
+        parts = bias.view(3, -1).unbind(0)  # [3 * D] → three [D]
+        bias = torch.cat([part if kept else torch.zeros_like(part) for part, kept in zip(parts, self.bias_parts)])
+        return F.linear(x, self.qkv.weight, bias)
 
     def forward(self, x: torch.Tensor, context: VarlenContext, rotary: RotaryTable | None = None) -> torch.Tensor:
         total = x.shape[0]
         # [S, D] → [S, 3, H, hd] → three [S, H, hd]
-        q, k, v = self.qkv(x).view(total, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.project(x).view(total, 3, self.num_heads, self.head_dim).unbind(1)
         if rotary is not None:
             q, k = rotary.apply(q, k)
         out = context.attend(q, k, v)
@@ -233,13 +252,14 @@ class LayerScale(nn.Module):
 class EncoderBlock(nn.Module):
     """The pre-norm block of every family: ``x + ls1(attn(norm1 x))``, then ``x + ls2(mlp(norm2 x))``.
 
-    ``norm`` builds a norm layer (LayerNorm or RMSNorm); ``mlp`` is the block's MLP; ``layer_scale``
-    adds LayerScale on both branches (identity otherwise). ``compile_by_default``: whether the
-    automatic ``compile_layers`` setting compiles this block (see ``layers_compiled``).
+    ``norm`` builds a norm layer (LayerNorm or RMSNorm); ``mlp`` is the block's MLP; ``qkv_bias``
+    as ``FusedQKVSelfAttention`` takes it; ``layer_scale`` adds LayerScale on both branches
+    (identity otherwise). ``compile_by_default``: whether the automatic ``compile_layers`` setting
+    compiles this block (see ``layers_compiled``).
     """
 
     def __init__(self, dim: int, num_heads: int, norm: Callable[[], nn.Module], mlp: nn.Module, *,
-                 qkv_bias: bool = True, proj_bias: bool = True, layer_scale: bool = False,
+                 qkv_bias: bool | tuple[bool, bool, bool] = True, proj_bias: bool = True, layer_scale: bool = False,
                  compile_by_default: bool = True):
         super().__init__()
         self.norm1 = norm()
@@ -306,9 +326,10 @@ class ProbePoolingHead(nn.Module):
         """``x [S, D]`` → ``[num_segments, D]``."""
         total, dim = x.shape
         num_segments = context.segments.num_segments
-        # [1, 1, D] → [N, H, hd]
-        query = self.cls_token.reshape(1, self.num_heads, self.head_dim).expand(num_segments, -1, -1).contiguous()
         key = self.k_proj(x).view(total, self.num_heads, self.head_dim)  # [S, H, hd]
         value = self.v_proj(x).view(total, self.num_heads, self.head_dim)  # [S, H, hd]
+        # [1, 1, D] → [N, H, hd], in the keys' dtype (under autocast it is not the parameter's)
+        query = self.cls_token.reshape(1, self.num_heads, self.head_dim).to(key.dtype)
+        query = query.expand(num_segments, -1, -1).contiguous()
         pooled = context.pool(query, key, value)  # [N, H, hd]
         return self.output_proj(pooled.reshape(num_segments, dim))

@@ -13,6 +13,13 @@ A family subclasses ``PackedVisionModel`` and supplies only what is its own:
 The template (``forward``): validate → metadata (host, once) → embed → blocks → final norm →
 pool → split prefix and patch tokens → ``PackedVisionOutput``. Gradient checkpointing, compiled
 layers and the choice of hidden states to keep live here, once for all families.
+
+Training goes through the same forward. Every block's recompute under gradient checkpointing
+reuses the pack's metadata; compiled blocks see only tensors of symbolic length (the segment
+structure reaches the eager attention call alone); ``compute_dtype`` names the activation dtype
+where it differs from the parameters' (FSDP2 mixed precision); a configuration's per-projection
+bias flags (``query_bias``, ``key_bias``, ``value_bias``) keep the absent parts of a fused bias at
+zero, without gradient.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ class PackedVisionOutput:
     """Outputs of a packed model, the same for every family.
 
     ``last_hidden_state [total_patches, hidden]``: patch tokens after the final norm, in input
-    order. ``pooler_output [num_items, hidden]`` or ``None``: one row per ``grid_thw`` row.
+    order (``None`` for a ``hidden_states_only`` forward). ``pooler_output [num_items, hidden]`` or
+    ``None`` (no pooled output, or ``output_pooled=False``): one row per ``grid_thw`` row.
     ``prefix_tokens [num_items, num_prefix, hidden]`` for families with CLS/register tokens, else
     ``None``. ``hidden_states``, on request: the embeddings (entry 0) and each block's output,
     before the final norm, patch tokens only ``[total_patches, hidden]`` each; with
@@ -59,7 +67,7 @@ class PackedVisionOutput:
     prefix tokens of the same entries, ``[num_items, num_prefix, hidden]`` each.
     """
 
-    last_hidden_state: torch.Tensor
+    last_hidden_state: torch.Tensor | None
     pooler_output: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     prefix_tokens: torch.Tensor | None = None
@@ -188,12 +196,17 @@ class PackedVisionModel(nn.Module):
         #: recompute each block in the backward pass instead of storing its activations
         self.gradient_checkpointing = False
         self._checkpoint_kwargs: dict = {}
+        #: dtype of the activations and of the pack's metadata when it is not the parameters' dtype
+        #: (FSDP2 mixed precision keeps float32 parameters and computes in its param_dtype); None:
+        #: the parameters' dtype
+        self.compute_dtype: torch.dtype | None = None
         if state is None:
             self.build(config)
         else:
             with torch.device("meta"):
                 self.build(config)
             self._load_mapped_state(state, ckpt)
+        self._keep_absent_biases_at_zero()
         if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
             device = self.device
         device = default_device(device)
@@ -209,6 +222,16 @@ class PackedVisionModel(nn.Module):
     def config_from_dict(cls, config_dict: dict, **overrides) -> VisionConfig:
         """The configuration of a checkpoint's ``config.json``; ``ValueError`` for another family's."""
         return cls.config_class.from_dict(config_dict, **overrides)
+
+    def _keep_absent_biases_at_zero(self) -> None:
+        """Marks the absent parts of every block's fused q/k/v bias where the configuration has
+        per-projection flags (transformers' ``query_bias``, ``key_bias``, ``value_bias``): those
+        parts are zeros in the checkpoint map and stay zeros, without gradient, in training."""
+        flags = tuple(getattr(self.config, f"{name}_bias", None) for name in ("query", "key", "value"))
+        if None in flags or all(flags) or not any(flags):
+            return
+        for block in self.blocks:
+            block.attn.bias_parts = tuple(bool(flag) for flag in flags)
 
     def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt) -> None:
         expected = set(self.state_dict().keys())
@@ -249,6 +272,12 @@ class PackedVisionModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the pack's metadata and activations are built in: ``compute_dtype`` if set,
+        else the parameters' dtype."""
+        return self.compute_dtype or self.dtype
 
     @property
     def patch_size(self) -> int:
@@ -299,12 +328,13 @@ class PackedVisionModel(nn.Module):
 
         The pack's metadata is built once per forward on the host and reused by the recompute, so
         the recomputed block sees exactly the segments of the forward and reads nothing back from
-        the device. ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``.
+        the device. ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``;
+        ``preserve_rng_state`` is off unless asked for, since no block draws random numbers.
         """
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", False):
             raise ValueError("packvit checkpoints blocks non-reentrantly; use_reentrant=True is not supported")
-        self._checkpoint_kwargs = kwargs
+        self._checkpoint_kwargs = {"preserve_rng_state": False, **kwargs}
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -327,7 +357,7 @@ class PackedVisionModel(nn.Module):
         else:
             grid_thw = validate_grid_thw(inputs)
         self._check_frames(grid_thw)
-        device, dtype, num_prefix = self.device, self.dtype, self.num_prefix_tokens
+        device, dtype, num_prefix = self.device, self.activation_dtype, self.num_prefix_tokens
         counts = item_token_counts(grid_thw)
         meta = PackMetadata(
             grid_thw=grid_thw,
@@ -363,6 +393,8 @@ class PackedVisionModel(nn.Module):
         metadata: PackMetadata | None = None,
         output_hidden_states: bool = False,
         hidden_layers: Sequence[int] | None = None,
+        hidden_states_only: bool = False,
+        output_pooled: bool = True,
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
     ):
@@ -374,6 +406,10 @@ class PackedVisionModel(nn.Module):
         model's device and dtype. ``metadata``: a ``PackMetadata`` from ``prepare`` for these grids,
         reused instead of built again. ``output_hidden_states``: every hidden state;
         ``hidden_layers``: only these indices of them (0 = embeddings, -1 = last block).
+        ``hidden_states_only``: with ``hidden_layers``, compute those hidden states alone: no block
+        past the deepest one asked for runs, nor the final norm and the pooling (the output's
+        ``last_hidden_state``, ``prefix_tokens`` and ``pooler_output`` are ``None``).
+        ``output_pooled=False``: the pooling head does not run (``pooler_output`` is ``None``).
         ``interpolate_pos_encoding``: a learned fixed-grid position table (AIMv2 fixed-size
         checkpoints) is resized to other grids instead of refusing them (beyond the reference).
 
@@ -407,7 +443,12 @@ class PackedVisionModel(nn.Module):
         keep = list(range(self.num_hidden_layers + 1)) if output_hidden_states else []
         if hidden_layers is not None:
             keep = _normalize_layers(hidden_layers, self.num_hidden_layers)
-        output = self._encode(patches, metadata, keep)
+        if hidden_states_only and not keep:
+            raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
+        if hidden_states_only:
+            output = self._encode_hidden_states(patches, metadata, keep)
+        else:
+            output = self._encode(patches, metadata, keep, output_pooled)
         if as_output:
             return output
         return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
@@ -415,10 +456,11 @@ class PackedVisionModel(nn.Module):
     def _check_metadata(self, meta: PackMetadata, grid_thw: torch.Tensor) -> None:
         if not torch.equal(meta.grid_thw, grid_thw):
             raise ValueError("metadata was prepared for another grid_thw; call model.prepare(batch) for this batch")
-        if meta.device != self.device or meta.dtype != self.dtype:
+        if meta.device != self.device or meta.dtype != self.activation_dtype:
             raise ValueError(
-                f"metadata was prepared for {meta.device} {meta.dtype}, the model is on {self.device} {self.dtype}; "
-                f"call model.prepare(batch) again after moving the model"
+                f"metadata was prepared for {meta.device} {meta.dtype}, the model computes on {self.device} "
+                f"{self.activation_dtype}; call model.prepare(batch) again after moving the model or setting "
+                f"compute_dtype"
             )
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
@@ -450,7 +492,7 @@ class PackedVisionModel(nn.Module):
         prefix = x.index_select(0, meta.prefix_rows).view(meta.num_items, meta.num_prefix_tokens, x.shape[-1])
         return x.index_select(0, meta.patch_rows), prefix
 
-    def _encode(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int]) -> PackedVisionOutput:
+    def _encode(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int], output_pooled: bool) -> PackedVisionOutput:
         x, kept = self.run_blocks(patches, meta, keep)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -458,8 +500,18 @@ class PackedVisionModel(nn.Module):
         hidden = [self.split_prefix(kept[index], meta) for index in keep]
         return PackedVisionOutput(
             last_hidden_state=patch_tokens,
-            pooler_output=self.pool(x, meta, prefix_tokens),
+            pooler_output=self.pool(x, meta, prefix_tokens) if output_pooled else None,
             hidden_states=tuple(h for h, _ in hidden) if keep else None,
             prefix_tokens=prefix_tokens,
             prefix_hidden_states=tuple(p for _, p in hidden) if keep and meta.num_prefix_tokens else None,
+        )
+
+    def _encode_hidden_states(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int]) -> PackedVisionOutput:
+        """The hidden states ``keep`` alone: the blocks up to the deepest of them, nothing after."""
+        _, kept = self.run_blocks(patches, meta, keep, num_blocks=max(keep))
+        hidden = [self.split_prefix(kept[index], meta) for index in keep]
+        return PackedVisionOutput(
+            last_hidden_state=None,
+            hidden_states=tuple(h for h, _ in hidden),
+            prefix_hidden_states=tuple(p for _, p in hidden) if meta.num_prefix_tokens else None,
         )
