@@ -88,6 +88,12 @@ def main(argv=None) -> int:
 
     convert.add_convert_parser(commands)
 
+    from .embed import cli as embed_cli
+
+    embed_parser = commands.add_parser("embed", help="images, videos and tar shards to embedding shards (resumable, multi-GPU)")
+    embed_cli.add_arguments(embed_parser)
+    embed_parser.set_defaults(handler=embed_cli.run)
+
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

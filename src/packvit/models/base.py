@@ -17,9 +17,7 @@ layers and the choice of hidden states to keep live here, once for all families.
 Training goes through the same forward. Every block's recompute under gradient checkpointing
 reuses the pack's metadata; compiled blocks see only tensors of symbolic length (the segment
 structure reaches the eager attention call alone); ``compute_dtype`` names the activation dtype
-where it differs from the parameters' (FSDP2 mixed precision); a configuration's per-projection
-bias flags (``query_bias``, ``key_bias``, ``value_bias``) keep the absent parts of a fused bias at
-zero, without gradient.
+where it differs from the parameters' (FSDP2 mixed precision).
 """
 
 from __future__ import annotations
@@ -206,7 +204,6 @@ class PackedVisionModel(nn.Module):
             with torch.device("meta"):
                 self.build(config)
             self._load_mapped_state(state, ckpt)
-        self._keep_absent_biases_at_zero()
         if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
             device = self.device
         device = default_device(device)
@@ -222,16 +219,6 @@ class PackedVisionModel(nn.Module):
     def config_from_dict(cls, config_dict: dict, **overrides) -> VisionConfig:
         """The configuration of a checkpoint's ``config.json``; ``ValueError`` for another family's."""
         return cls.config_class.from_dict(config_dict, **overrides)
-
-    def _keep_absent_biases_at_zero(self) -> None:
-        """Marks the absent parts of every block's fused q/k/v bias where the configuration has
-        per-projection flags (transformers' ``query_bias``, ``key_bias``, ``value_bias``): those
-        parts are zeros in the checkpoint map and stay zeros, without gradient, in training."""
-        flags = tuple(getattr(self.config, f"{name}_bias", None) for name in ("query", "key", "value"))
-        if None in flags or all(flags) or not any(flags):
-            return
-        for block in self.blocks:
-            block.attn.bias_parts = tuple(bool(flag) for flag in flags)
 
     def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt) -> None:
         expected = set(self.state_dict().keys())

@@ -132,8 +132,8 @@ class DINOv3ViTPacking(PackedVisionModel):
 
         self.embeddings = DINOv3Embeddings(config)
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, config.num_attention_heads, norm, mlp(), qkv_bias=config.qkv_bias,
-                         proj_bias=config.proj_bias, layer_scale=True)
+            EncoderBlock(dim, config.num_attention_heads, norm, mlp(), proj_bias=config.proj_bias, layer_scale=True,
+                         qkv_bias=(config.query_bias, config.key_bias, config.value_bias))
             for _ in range(config.num_hidden_layers)
         )
         self.final_norm = norm()
@@ -144,7 +144,9 @@ class DINOv3ViTPacking(PackedVisionModel):
 
         - ``layer.{i}.`` and ``model.layer.{i}.`` (both spellings occur) → ``blocks.{i}.``;
         - ``attention.{q,k,v}_proj`` → one ``attn.qkv`` (rows q, k, v; the missing k bias, and on
-          7B the q/v biases, as zeros when any bias exists), ``attention.o_proj`` → ``attn.proj``;
+          7B the q/v biases, as zeros when any bias exists: the block keeps those parts at zero,
+          without gradient, since RoPE after the projection makes a key bias matter),
+          ``attention.o_proj`` → ``attn.proj``;
         - ``layer_scale{1,2}`` → ``ls{1,2}``; ``mlp.up_proj``/``down_proj`` → ``mlp.fc1``/``fc2``;
           SwiGLU ``mlp.gate_proj`` + ``up_proj`` → ``mlp.gate_up`` and ``down_proj`` → ``mlp.down``;
         - the Conv2d patch weight ``[D, C, p, p]`` → a Linear weight ``[D, p*p*C]`` for (p, p, C) patches;
