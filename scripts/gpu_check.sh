@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
-# Every GPU check of packvit in one call of a GPU machine, from the source tree:
-#   1. `packvit info` (versions, backends usable there),
-#   2. the CPU test suite under that machine's torch/transformers (and its torchvision/timm tests),
-#   3. every GPU-marked test (attention backends, full-size parity, no host sync),
-#   4. a short benchmark,
-# then a summary. Usage: bash scripts/gpu_check.sh [all|tests|bench] [extra packvit bench args...]
-# On an H200 `tests` takes about 7 minutes with a fresh checkpoint directory, and `bench` about 9 for
-# the four full-size models: where one call is limited to 10 minutes, run `tests`, then
-# `bench --models siglip2 dinov3` and `bench --models aimv2 llava_vit` (3-5 minutes each) as three
-# calls; all reuse the checkpoints in $PACKVIT_CKPT_DIR.
+# Every GPU check of packvit, from the source tree, in stages that fit one call of a GPU machine each:
+#
+#   bash scripts/gpu_check.sh STAGE [STAGE ...] [-- extra packvit bench arguments]
+#
+#   info            versions and the attention backends usable there
+#   cpu-tests       the CPU suite under that machine's torch/transformers (and its torchvision/timm tests)
+#   model-tests     full-size parity, no host sync, batching independence, attention and packing GPU tests
+#   training-tests  gradient parity, checkpointing, compiled training, no host sync in backward (GPU)
+#   graph-tests     the CUDA-graph mode's GPU tests
+#   bench           packvit bench --profile (all families and workloads unless arguments after --)
+#   train-bench     python -m packvit.train_bench (forward + backward against the references)
+#   embed-bench     python -m packvit.embed.bench (the `files` workload, end to end)
+#   fa4-extract     unpack .fa4/ (FlashAttention 4's CUDA library, see ../shared/tools/fa4-carry.sh)
+#   fa4-install     install .fa4b/'s wheels beside it (.fa4 extracted by an earlier call on this machine)
+#
+# FA4 needs two calls: one carrying .fa4 (`fa4-extract ...`), then, while the machine is warm, one
+# carrying .fa4b (`fa4-install ...`); later calls find it in /opt/fa4site. Figures go to $OUT (or
+# gpu_out/), full-size random checkpoints to $PACKVIT_CKPT_DIR, reused by later calls.
 set -u
 cd "$(dirname "$0")/.."
-stage=${1:-all}; shift || true
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src PYTHONUNBUFFERED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
+[ -d /opt/fa4site/flash_attn ] && export PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages:src
 out=${OUT:-gpu_out}; mkdir -p "$out"
 export PACKVIT_CKPT_DIR=${PACKVIT_CKPT_DIR:-/tmp/packvit-ckpts} PACKVIT_GPU_REPORT="$out/gpu_figures.jsonl"
-rm -f "$PACKVIT_GPU_REPORT"
 python=${PYTHON:-python3}
+stages=(); bench_args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; bench_args=("$@"); break; fi
+  stages+=("$1"); shift
+done
 status=()
+run() {  # run NAME COMMAND...: the command's output to $out/NAME.log, its last line to the summary
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  status+=("$name ($((SECONDS - start)) s): $(grep -v '^FIGURES' "$out/$name.log" | tail -n 1)")
+  tail -n 15 "$out/$name.log"
+}
+pytest_gpu() { $python -m pytest -q -m gpu -s -p no:cacheprovider "$@"; }
 
-if [ "$stage" = all ] || [ "$stage" = tests ]; then
-  $python -m packvit info | tee "$out/info.txt"
-  workers=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-  $python -m pytest -q -m "not gpu" $workers tests 2>&1 | tee "$out/cpu_tests.log" | tail -n 25
-  status+=("cpu tests: $(tail -n 1 "$out/cpu_tests.log")")
-  $python -m pytest -q -m gpu -s tests 2>&1 | tee "$out/gpu_tests.log" | grep -v '^FIGURES' | tail -n 40
-  status+=("gpu tests: $(tail -n 1 "$out/gpu_tests.log")")
-fi
-
-if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "$@" 2>&1 | tee "$out/bench.log" | tail -n 30
-  status+=("bench: $(tail -n 1 "$out/bench.log")")
-fi
+for stage in "${stages[@]}"; do
+  case $stage in
+    info) run info $python -m packvit info ;;
+    cpu-tests) run cpu-tests $python -m pytest -q -m "not gpu" -p no:cacheprovider tests ;;
+    model-tests) run model-tests pytest_gpu tests/test_models_gpu.py tests/test_attention_gpu.py tests/test_packing.py ;;
+    training-tests) run training-tests pytest_gpu tests/test_training_gpu.py ;;
+    graph-tests) run graph-tests pytest_gpu tests/test_cuda_graphs_gpu.py ;;
+    bench) run bench $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "${bench_args[@]}" ;;
+    train-bench) run train-bench $python -m packvit.train_bench --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/train_bench" ;;
+    embed-bench) run embed-bench $python -m packvit.embed.bench --num_files 5000 --size full ;;
+    fa4-extract) mkdir -p /opt/fa4site && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz && status+=("fa4-extract: done") ;;
+    fa4-install)
+      $python -m pip install -q --no-index --no-deps --no-compile --target /opt/fa4site .fa4b/*.whl \
+        && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz && status+=("fa4-install: done")
+      export PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages:src ;;
+    *) echo "unknown stage $stage; see the header of $0"; exit 2 ;;
+  esac
+done
 
 echo
 echo "=== summary ==="
@@ -48,4 +73,5 @@ for line in open(sys.argv[1]):
 PY
 fi
 [ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
+[ -f "$out/train_bench/train_bench.md" ] && cat "$out/train_bench/train_bench.md"
 printf '%s\n' "${status[@]}"
