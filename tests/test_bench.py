@@ -5,7 +5,9 @@ import math
 import pytest
 
 from packvit import cli
-from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, kernel_category, workload_grids
+from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, kernel_category, latency_percentiles, workload_grids
+from packvit.harness import get_adapter
+from packvit.models import base
 
 
 def test_workloads_follow_benchmarks_md():
@@ -20,6 +22,20 @@ def test_workloads_follow_benchmarks_md():
     assert workload_grids("video", "llava_vit") == [(16, 16, 16)] * 64
     with pytest.raises(ValueError, match="unknown workload"):
         workload_grids("huge", "siglip2")
+
+
+def test_online_workload_is_the_first_mixed_items():
+    mixed = workload_grids("mixed", "aimv2")
+    assert workload_grids("online", "aimv2") == mixed[:64]
+    assert workload_grids("online", "dinov3", 6) == mixed[:6]  # not a fresh draw of 6 items
+    assert workload_grids("mixed", "dinov3", 6) != mixed[:6]
+    with pytest.raises(ValueError, match="at most the 512 mixed items"):
+        workload_grids("online", "siglip2", 513)
+
+
+def test_latency_percentiles_interpolate():
+    assert latency_percentiles([float(n) for n in range(10, 0, -1)]) == (5.5, 9.1)
+    assert latency_percentiles([2.0]) == (2.0, 2.0)
 
 
 def test_naflex_grid_is_the_largest_under_the_cap():
@@ -80,3 +96,46 @@ def test_bench_profile_reports_kernel_time(tmp_path):
     (row,) = json.loads((out / "bench.json").read_text())["results"]
     assert row["profile_ms"]["matmul"] > 0 and sum(row["profile_ms"].values()) > row["profile_ms"]["matmul"]
     assert "| aimv2 | mixed |" in (out / "bench.md").read_text().split("Kernel time")[1]
+
+
+def test_bench_times_every_baseline_before_packvit_and_reports_online_latency(tmp_path, monkeypatch):
+    """Both families' references run before any packvit block (the compiled ones included); the
+    online workload reports p50/p90 per call, the CUDA graphs skipped on the CPU with the reason."""
+    events = []
+
+    def recording_run_layer(layer, x, *args, compiled=None):  # stands in for the compiler on the CPU
+        events.append("compiled" if compiled else "packvit")
+        return layer(x, *args)
+
+    monkeypatch.setattr(base, "run_layer", recording_run_layer)
+    for family in ("siglip2", "dinov3"):
+        adapter = get_adapter(family)
+        run_reference = adapter.run_reference
+
+        def recording_reference(model, items, batch_size, run_reference=run_reference, family=family):
+            events.append(f"reference {family}")
+            return run_reference(model, items, batch_size)
+
+        monkeypatch.setattr(adapter, "run_reference", recording_reference)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--smoke", "--models", "siglip2", "dinov3", "--workloads", "mixed", "online", "--items", "3",
+                     "--repeats", "2", "--out", str(out)]) == 0
+    first_packvit = min(events.index("packvit"), events.index("compiled"))
+    assert {"reference siglip2", "reference dinov3"} <= set(events[:first_packvit])
+    assert not any(event.startswith("reference") for event in events[first_packvit:])
+
+    report = json.loads((out / "bench.json").read_text())
+    assert [(r["model"], r["workload"]) for r in report["results"]] == [("siglip2", "mixed"), ("dinov3", "mixed")]
+    assert all(r["packs"] == 1 and r["host_prepare_ms"] > 0 for r in report["results"])
+    online = report["online"]
+    assert [r["model"] for r in online] == ["siglip2", "dinov3"]
+    for row in online:
+        assert row["items"] == 3 and row["calls"] == 6  # 2 passes over 3 items, one call each
+        assert row["tokens"] == sum(t * h * w for t, h, w in workload_grids("mixed", row["model"])[:3])
+        for figure in ("reference", "eager", "compiled"):
+            assert 0 < row[f"{figure}_p50_ms"] <= row[f"{figure}_p90_ms"]
+        assert row["graphs_p50_ms"] is None and "need a CUDA device" in row["graphs_skipped"]
+        assert row["speedup_p50"] == pytest.approx(row["reference_p50_ms"] / row["eager_p50_ms"])  # eager: the CPU default
+    table = (out / "bench.md").read_text()
+    assert "| siglip2 (tiny) | 3 |" in table.split("Online:")[1]
+    assert "skipped: CUDA graphs need a CUDA device" in table
