@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from packvit.positions import ResizedTableCache, resize_table, resize_weights
+from packvit.positions import TableLookup, resize_table, resize_weights
 
 GRIDS = [(23, 1), (1, 23), (40, 1), (1, 1), (5, 9), (40, 3), (7, 30), (16, 16), (16, 1), (3, 16)]
 
@@ -95,17 +95,24 @@ def test_resize_is_differentiable_and_keeps_the_dtype():
     assert torch.allclose(table.grad.float().sum(), torch.tensor(23.0 * 8), atol=0.5)
 
 
-def test_cache_serves_repeats_and_follows_in_place_updates():
-    weight = torch.nn.Parameter(torch.randn(16, 3))
-    cache = ResizedTableCache("bicubic", max_size=2)
-    with torch.no_grad():
-        first = cache.get(weight, (4, 4), 3, 5)
-        assert cache.get(weight, (4, 4), 3, 5) is first
-        weight.mul_(2.0)
-        second = cache.get(weight, (4, 4), 3, 5)
-        assert second is not first and torch.allclose(second, 2 * first)
-        cache.get(weight, (4, 4), 2, 2)
-        cache.get(weight, (4, 4), 1, 7)
-        assert list(cache.tables) == [(2, 2), (1, 7)]
-    # with autograd on the table is resized afresh, never cached
-    assert cache.get(weight, (4, 4), 3, 5).requires_grad and (3, 5) not in cache.tables
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_lookup_of_a_pack_equals_each_items_resized_table(mode):
+    """One lookup for the whole pack (frames included) gives every patch its grid's resized row."""
+    grid_thw = torch.tensor([[1, 23, 1], [2, 3, 5], [1, 16, 16], [1, 1, 1], [1, 3, 5], [1, 40, 3]])
+    table = torch.randn(16 * 16, 8, generator=torch.Generator().manual_seed(1))
+    lookup = TableLookup.build(grid_thw, (16, 16), mode, torch.device("cpu"))
+    expected = torch.cat([resize_table(table.reshape(16, 16, 8), h, w, mode).repeat(t, 1) for t, h, w in grid_thw.tolist()])
+    assert not lookup.identity
+    assert (lookup(table) - expected).abs().max() < 1e-5
+    native = TableLookup.build(torch.tensor([[1, 16, 16], [3, 16, 16]]), (16, 16), mode, torch.device("cpu"))
+    assert native.identity and torch.equal(native(table), table.repeat(4, 1))
+
+
+def test_lookup_is_differentiable_and_keeps_the_dtype():
+    table = torch.randn(16 * 16, 4, dtype=torch.bfloat16, requires_grad=True)
+    lookup = TableLookup.build(torch.tensor([[1, 23, 1], [1, 5, 9]]), (16, 16), "bilinear", torch.device("cpu"))
+    positions = lookup(table)
+    assert positions.dtype == torch.bfloat16 and positions.shape == (23 + 45, 4)
+    positions.float().sum().backward()
+    # the weights of each output row sum to one, so the gradients sum to the number of outputs
+    assert torch.allclose(table.grad.float().sum(), torch.tensor(68.0 * 4), atol=0.5)

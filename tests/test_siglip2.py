@@ -16,7 +16,6 @@ import packvit
 from packvit import patchify
 from packvit.models.siglip2 import Siglip2NaflexConfig, Siglip2NaflexPacking
 from packvit.packing import PackedBatch
-from packvit.positions import distinct_grid_rows
 from packvit.harness.siglip2 import ADAPTER, randomize_vectors, reference_resizes_one_wide_grids_right
 
 transformers = pytest.importorskip("transformers")
@@ -154,13 +153,6 @@ def test_video_rows_are_refused_and_frames_encode_as_images(models):
         assert (frame_pooled - ref.pooled).abs().max().item() <= TOLERANCE
 
 
-def test_position_rows_gather_each_items_table():
-    grid_thw = torch.tensor([[1, 2, 3], [2, 1, 1], [1, 2, 3]])
-    grids, rows = distinct_grid_rows(grid_thw)
-    assert grids == [(1, 1), (2, 3)]  # distinct grids, table of (1, 1) first
-    assert rows.tolist() == [1, 2, 3, 4, 5, 6, 0, 0, 1, 2, 3, 4, 5, 6]
-
-
 def test_full_siglip2_checkpoint_with_text_tower(tmp_path):
     vision = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
@@ -210,26 +202,22 @@ def test_model_without_head(tmp_path):
     assert max((a.tokens - b.tokens).abs().max().item() for a, b in zip(packed_out, ref_out)) <= TOLERANCE
 
 
-def test_position_cache_follows_weight_changes(checkpoint):
+def test_position_table_follows_weight_changes_and_takes_gradients(checkpoint):
     packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
     patches, grid_thw = patchify(_items([(5, 9), (16, 16)], seed=10), 16)
     with torch.no_grad():
         first = packed(patches, grid_thw)
-        assert set(packed.embeddings.position_cache.tables) == {(5, 9), (16, 16)}
-        assert torch.equal(packed(patches, grid_thw), first)  # served from the cache
-        packed.embeddings.position_embedding.weight.mul_(2.0)  # in place: bumps the version counter
+        packed.embeddings.position_embedding.weight.mul_(2.0)
         changed = packed(patches, grid_thw)
         fresh = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
         fresh.embeddings.position_embedding.weight.mul_(2.0)
         expected = fresh(patches, grid_thw)
     assert not torch.allclose(changed, first)
     assert torch.equal(changed, expected)
-    # with autograd on, the resized tables are recomputed and gradients reach the learned table
     packed.embeddings.position_embedding.weight.requires_grad_(True)
     packed(patches, grid_thw).square().mean().backward()
     grad = packed.embeddings.position_embedding.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-
 
 def test_loading_defaults_and_lazy_export(checkpoint):
     packed = packvit.Siglip2NaflexPacking(ckpt=str(checkpoint))
@@ -300,16 +288,3 @@ def test_adapter_sizes():
     assert all(h * w <= 4096 for h, w in ADAPTER.default_grids)
     with pytest.raises(ValueError, match="unknown size"):
         ADAPTER.reference_config("huge")
-
-
-def test_position_cache_is_bounded(checkpoint, monkeypatch):
-    import packvit.positions as positions_module
-
-    monkeypatch.setattr(positions_module, "POSITION_CACHE_SIZE", 2)
-    packed = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for grid in ((2, 3), (4, 1), (2, 3), (5, 5)):
-            patches, grid_thw = patchify([torch.randn(3, grid[0] * 16, grid[1] * 16, generator=generator)], 16)
-            packed(patches, grid_thw)
-    assert list(packed.embeddings.position_cache.tables) == [(2, 3), (5, 5)]  # (4, 1) was least recently used

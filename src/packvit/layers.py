@@ -188,7 +188,8 @@ class Mlp(nn.Module):
     GELU epilogue (``torch._addmm_activation``, whose CUDA kernels compute the tanh approximation):
     the ``[S, hidden]`` activation is written once instead of written, read and written again. On
     the CPU that function computes the exact GELU, so the CPU keeps the unfused path; so does a
-    compiled layer, where the compiler fuses the bias and GELU itself.
+    compiled layer, where the compiler fuses the bias and GELU itself, and so does a forward that
+    records a graph for backward (the fused function has no derivative).
     """
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
@@ -199,8 +200,10 @@ class Mlp(nn.Module):
         self.gelu_tanh = act in ("gelu_pytorch_tanh", "gelu_tanh")
 
     def _gelu_epilogue(self, x: torch.Tensor) -> bool:
+        # torch._addmm_activation has no derivative: the fused path serves forwards without autograd
+        records_graph = torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad)
         return (self.gelu_tanh and x.is_cuda and x.dim() == 2 and self.fc1.bias is not None
-                and not torch.compiler.is_compiling())
+                and not records_graph and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gelu_epilogue(x):

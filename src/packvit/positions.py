@@ -2,13 +2,12 @@
 and learned tables resized to any grid.
 
 Everything that depends only on a pack's grids is computed on the host from ``grid_thw`` (numpy,
-no loop over items) and copied to the device once; everything that depends on parameters (a
-learned table) is computed on the device, cached per grid when autograd is off.
+no loop over items) and copied to the device once; what depends on parameters (a learned table)
+is computed on the device from it, in a few kernels for the whole pack.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,6 @@ from .packing import offsets_within_items, to_device
 
 __all__ = [
     "normalized_patch_centres",
-    "distinct_grid_rows",
     "RotaryTable",
     "rotate_half",
     "rotate_interleaved",
@@ -31,7 +29,7 @@ __all__ = [
     "RESIZE_MODES",
     "resize_weights",
     "resize_table",
-    "ResizedTableCache",
+    "TableLookup",
 ]
 
 
@@ -54,22 +52,6 @@ def normalized_patch_centres(grid_thw: torch.Tensor) -> torch.Tensor:
     centre_x = (cols.astype(np.float32) + np.float32(0.5)) / widths.astype(np.float32)
     # [total, 2] in [0, 1] → (-1, 1)
     return torch.from_numpy(np.float32(2.0) * np.stack([centre_y, centre_x], axis=-1) - np.float32(1.0))
-
-
-def distinct_grid_rows(grid_thw: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """Where each patch reads a per-grid table, for tables stored one after another.
-
-    Returns the distinct ``(h, w)`` grids (sorted) and host int64 ``rows [total_patches]``: indices
-    into the concatenation of one ``h*w``-row table per distinct grid, in that order (row-major).
-    Every frame of an item reads the same rows.
-    """
-    distinct, inverse = torch.unique(grid_thw[:, 1:], dim=0, return_inverse=True)  # [G, 2], [N]
-    table_sizes = distinct.prod(dim=1)  # [G]
-    table_starts = table_sizes.cumsum(0) - table_sizes  # [G]
-    counts = grid_thw.prod(dim=1).numpy()  # [N] patches per item
-    frame_sizes = table_sizes[inverse].numpy()  # [N]
-    rows = np.repeat(table_starts[inverse].numpy(), counts) + offsets_within_items(counts) % np.repeat(frame_sizes, counts)
-    return [tuple(grid) for grid in distinct.tolist()], torch.from_numpy(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,43 +240,54 @@ def resize_table(table: torch.Tensor, height: int, width: int, mode: str) -> tor
     return resized.reshape(height * width, -1).to(table.dtype)
 
 
-#: resized tables kept per model (least recently used dropped first): NaFlex makes many distinct
-#: grids, and each table is h*w*D values (9 MB for so400m at 4096 patches in bf16)
-POSITION_CACHE_SIZE = 64
+@dataclass
+class TableLookup:
+    """Where every patch of a pack reads a learned ``Gh x Gw`` table resized to its item's grid.
 
-
-class ResizedTableCache:
-    """Resized copies of one learned table, keyed by grid, for forwards with autograd off.
-
-    Dropped as soon as the table's storage, version counter (bumped by in-place updates such as
-    optimiser steps and ``load_state_dict``), device or dtype changes; an edit through ``.data``
-    bypasses the version counter: call ``clear()`` after one. With autograd on (or while
-    compiling) tables are resized afresh, so gradients reach the learned table.
+    A patch at row r, column c of an (h, w) grid takes ``sum_ab wy[a] wx[b] table[a, b]`` with
+    ``wy = resize_weights(Gh, h)[r]`` and ``wx = resize_weights(Gw, w)[c]``. Built on the host from
+    ``grid_thw``: ``row_weights [Rh, Gh]`` and ``col_weights [Rw, Gw]`` stack the weight rows of
+    every distinct height and width, ``row_index`` / ``col_index [total_patches]`` pick each
+    patch's rows. ``identity``: every grid is the table's own (the lookup is a plain gather).
     """
 
-    def __init__(self, mode: str, max_size: int | None = None):
-        self.mode, self.max_size = mode, max_size
-        self.clear()
+    source: tuple[int, int]
+    row_weights: torch.Tensor
+    col_weights: torch.Tensor
+    row_index: torch.Tensor
+    col_index: torch.Tensor
+    identity: bool
 
-    def clear(self) -> None:
-        self.tables: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-        self._key: tuple | None = None
-        self._source: torch.Tensor | None = None
+    @classmethod
+    def build(cls, grid_thw: torch.Tensor, source: tuple[int, int], mode: str, device: torch.device) -> "TableLookup":
+        t, heights, widths = grid_thw.to(torch.int64).numpy().T
+        counts = t * heights * widths
+        index_in_frame = offsets_within_items(counts) % np.repeat(heights * widths, counts)
+        widths_per_token = np.repeat(widths, counts)
+        rows, cols = index_in_frame // widths_per_token, index_in_frame % widths_per_token
 
-    def get(self, weight: torch.Tensor, grid: tuple[int, int], height: int, width: int) -> torch.Tensor:
-        """The table ``weight [Gh * Gw, D]`` (row-major ``grid = (Gh, Gw)``) resized to ``[height * width, D]``."""
-        table = weight.reshape(*grid, weight.shape[-1])
-        if torch.is_grad_enabled() or weight.is_inference() or torch.compiler.is_compiling():
-            return resize_table(table, height, width, self.mode)
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        if key != self._key:
-            self.clear()
-            # holding the source keeps its storage alive, so a new table cannot reuse its address
-            self._key, self._source = key, weight.detach()
-        if (height, width) in self.tables:
-            self.tables.move_to_end((height, width))
-        else:
-            if len(self.tables) >= (self.max_size or POSITION_CACHE_SIZE):
-                self.tables.popitem(last=False)
-            self.tables[(height, width)] = resize_table(table, height, width, self.mode)
-        return self.tables[(height, width)]
+        def stacked(sizes: np.ndarray, within: np.ndarray, source_size: int) -> tuple[np.ndarray, np.ndarray]:
+            distinct = np.unique(sizes)
+            starts = np.cumsum(distinct) - distinct  # first weight row of each distinct size
+            weights = np.concatenate([resize_weights(source_size, int(n), mode) for n in distinct])
+            return weights.astype(np.float32), np.repeat(starts[np.searchsorted(distinct, sizes)], counts) + within
+
+        row_weights, row_index = stacked(heights, rows, source[0])
+        col_weights, col_index = stacked(widths, cols, source[1])
+        identity = bool((heights == source[0]).all() and (widths == source[1]).all())
+        # the two index maps travel in one non-blocking copy, the two weight tables in another
+        indices = to_device(torch.from_numpy(np.stack([row_index, col_index])), device)
+        weights = to_device(torch.from_numpy(np.concatenate([row_weights.ravel(), col_weights.ravel()])), device)
+        return cls(source, weights[: row_weights.size].view(row_weights.shape), weights[row_weights.size :].view(col_weights.shape),
+                   indices[0], indices[1], identity)
+
+    def __call__(self, table: torch.Tensor) -> torch.Tensor:
+        """``table [Gh * Gw, D]`` (row-major) → every patch's position embedding ``[total_patches, D]``,
+        in the table's dtype, computed in float32; differentiable."""
+        grid_h, grid_w = self.source
+        if self.identity:
+            return table.index_select(0, self.row_index * grid_w + self.col_index)
+        # [S, Gh] and [S, Gw] → [S, Gh * Gw]: each patch's weights over the whole table
+        weights = (self.row_weights.index_select(0, self.row_index)[:, :, None]
+                   * self.col_weights.index_select(0, self.col_index)[:, None, :]).reshape(-1, grid_h * grid_w)
+        return (weights @ table.float()).to(table.dtype)  # [S, Gh * Gw] x [Gh * Gw, D] → [S, D]

@@ -28,8 +28,7 @@ from torch import nn
 
 from ..checkpoint import conv_to_linear, fuse_linear, rename, strip_prefix
 from ..layers import EncoderBlock, GatedMlp, ProbePoolingHead, RMSNorm
-from ..packing import to_device
-from ..positions import ResizedTableCache, distinct_grid_rows, sincos_2d
+from ..positions import TableLookup, sincos_2d
 from .base import PackedVisionModel, PackMetadata
 from .config import VisionConfig
 
@@ -75,20 +74,15 @@ class AIMv2Embeddings(nn.Module):
         super().__init__()
         self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size)
         self.rms_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.learned_grid_side = None if config.is_native else config.learned_grid_side
         if not config.is_native:
             self.position_embedding = nn.Embedding(config.learned_grid_side**2, config.hidden_size)
-            self.position_cache = ResizedTableCache("bicubic")
 
     def forward(self, patches: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
         """``patches [S, p*p*C]`` → ``[S, D]``."""
         x = self.rms_norm(self.patch_embed(patches))
         if meta.position_embeddings is not None:  # native: the sin-cos table of the pack
             return x + meta.position_embeddings
-        side, weight = self.learned_grid_side, self.position_embedding.weight
-        tables = [self.position_cache.get(weight, (side, side), h, w) for h, w in meta.position_grids]
-        table = tables[0] if len(tables) == 1 else torch.cat(tables)  # [sum of distinct h*w, D]
-        return x + table.index_select(0, meta.position_rows)
+        return x + meta.position_lookup(self.position_embedding.weight)
 
 
 class AIMv2Packing(PackedVisionModel):
@@ -151,7 +145,7 @@ class AIMv2Packing(PackedVisionModel):
             meta.position_embeddings = sincos_2d(meta.grid_thw, config.hidden_size, meta.dtype, meta.device)
             return
         side = config.learned_grid_side
-        grids, rows = distinct_grid_rows(meta.grid_thw)
+        grids = sorted({(h, w) for _, h, w in meta.grid_thw.tolist()})
         foreign = [grid for grid in grids if grid != (side, side)]
         if foreign and not interpolate_pos_encoding:
             pixels = side * config.patch_size
@@ -161,4 +155,4 @@ class AIMv2Packing(PackedVisionModel):
                 f"packvit.load_processor, does), or pass interpolate_pos_encoding=True to resize the table (beyond "
                 f"the reference)"
             )
-        meta.position_grids, meta.position_rows = grids, to_device(rows, meta.device)
+        meta.position_lookup = TableLookup.build(meta.grid_thw, (side, side), "bicubic", meta.device)

@@ -23,7 +23,7 @@ where it differs from the parameters' (FSDP2 mixed precision).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import read_config_dict, read_state_dict, resolve_checkpoint, write_checkpoint
 from ..layers import VarlenContext, run_layer
 from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
-from ..positions import RotaryTable
+from ..positions import RotaryTable, TableLookup
 from .config import VisionConfig
 
 __all__ = [
@@ -87,8 +87,8 @@ class PackMetadata:
     ``patch_rows [total_patches]`` and ``prefix_rows [num_items * P]`` are the sequence rows of the
     patches and of the prefix tokens, and ``source_index [S]`` the row of ``cat(prefix table,
     patch embeddings)`` each sequence position takes. Position data, per family: ``rotary`` (cos,
-    sin), ``position_embeddings [total_patches, D]`` (parameter-free tables), or ``position_grids``
-    + ``position_rows [total_patches]`` (lookups into a learned table resized per grid).
+    sin), ``position_embeddings [total_patches, D]`` (parameter-free tables), or ``position_lookup``
+    (where every patch reads a learned table resized to its grid).
     """
 
     grid_thw: torch.Tensor
@@ -101,8 +101,7 @@ class PackMetadata:
     source_index: torch.Tensor | None = None
     rotary: RotaryTable | None = None
     position_embeddings: torch.Tensor | None = None
-    position_grids: list[tuple[int, int]] = field(default_factory=list)
-    position_rows: torch.Tensor | None = None
+    position_lookup: TableLookup | None = None
 
     @property
     def num_items(self) -> int:

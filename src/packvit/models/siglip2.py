@@ -24,8 +24,7 @@ from torch import nn
 
 from ..checkpoint import fuse_linear, rename, strip_prefix
 from ..layers import AttentionPoolingHead, EncoderBlock, Mlp
-from ..packing import to_device
-from ..positions import ResizedTableCache, distinct_grid_rows
+from ..positions import TableLookup
 from .base import PackedVisionModel, PackMetadata
 from .config import VisionConfig
 
@@ -62,8 +61,8 @@ class Siglip2NaflexConfig(VisionConfig):
 class Siglip2NaflexEmbeddings(nn.Module):
     """Linear patch embedding plus the learned position table resized to each image's grid.
 
-    The table ``position_embedding.weight [G*G, D]`` is a row-major G x G grid; one resize per
-    distinct grid per forward, kept across forwards while autograd is off (``position_cache``).
+    The table ``position_embedding.weight [G*G, D]`` is a row-major G x G grid, resized for the
+    whole pack at once through the pack's ``position_lookup`` (antialiased bilinear weights).
     """
 
     def __init__(self, config: Siglip2NaflexConfig):
@@ -71,15 +70,10 @@ class Siglip2NaflexEmbeddings(nn.Module):
         self.position_grid_size = config.position_grid_size
         self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
-        self.position_cache = ResizedTableCache("bilinear")
 
     def forward(self, patches: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
         """``patches [S, p*p*C]`` → ``[S, D]``."""
-        side = self.position_grid_size
-        weight = self.position_embedding.weight
-        tables = [self.position_cache.get(weight, (side, side), h, w) for h, w in meta.position_grids]
-        table = tables[0] if len(tables) == 1 else torch.cat(tables)  # [sum of h*w over distinct grids, D]
-        return self.patch_embedding(patches) + table.index_select(0, meta.position_rows)
+        return self.patch_embedding(patches) + meta.position_lookup(self.position_embedding.weight)
 
 
 class Siglip2NaflexPacking(PackedVisionModel):
@@ -141,5 +135,5 @@ class Siglip2NaflexPacking(PackedVisionModel):
         ])
 
     def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
-        meta.position_grids, rows = distinct_grid_rows(meta.grid_thw)
-        meta.position_rows = to_device(rows, meta.device)
+        side = self.config.position_grid_size
+        meta.position_lookup = TableLookup.build(meta.grid_thw, (side, side), "bilinear", meta.device)
