@@ -19,12 +19,14 @@ import torch
 
 __all__ = [
     "resolve_checkpoint",
+    "read_json_object",
     "read_config_dict",
     "read_state_dict",
     "read_tensor_names",
     "write_checkpoint",
     "strip_prefix",
     "rename",
+    "rename_prefixes",
     "fuse_linear",
     "conv_to_linear",
     "linear_to_conv",
@@ -65,18 +67,24 @@ def resolve_checkpoint(ckpt: str | os.PathLike, patterns: Sequence[str] = ("*.js
         ) from error
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (``what`` says what it holds); ``ValueError`` naming the file
+    when it is not valid JSON or not an object."""
+    try:
+        contents = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-save or re-download it") from error
+    if not isinstance(contents, dict):
+        raise ValueError(f"{path} holds a JSON {type(contents).__name__}, not an object of {what}")
+    return contents
+
+
 def read_config_dict(directory: Path) -> dict:
     """The contents of ``directory/config.json``; ``ValueError`` naming the file when it is missing or broken."""
     config_file = Path(directory) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{directory} has no config.json; it is not a transformers-style checkpoint directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_file} is not valid JSON ({error}); re-save or re-download the checkpoint") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object of configuration fields")
-    return config
+    return read_json_object(config_file, "configuration fields")
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -155,6 +163,18 @@ def rename(state: dict[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> 
             key = pattern.sub(replacement, key)
         out[key] = value
     return out
+
+
+def rename_prefixes(state: dict[str, torch.Tensor], pairs: Iterable[tuple[str, str]], reverse: bool = False) -> dict[str, torch.Tensor]:
+    """Renames key prefixes by ``(from, to)`` templates, in which ``{}`` stands for a number (a
+    layer index) carried over in order; ``reverse`` maps ``to`` back to ``from``."""
+    def rule(source: str, target: str) -> tuple[str, str]:
+        pattern = "^" + r"(\d+)".join(re.escape(part) for part in source.split("{}"))
+        parts = target.split("{}")
+        replacement = parts[0] + "".join(f"\\{i}" + part for i, part in enumerate(parts[1:], start=1))
+        return pattern, replacement
+
+    return rename(state, [rule(*((b, a) if reverse else (a, b))) for a, b in pairs])
 
 
 def fuse_linear(state: dict[str, torch.Tensor], target: str, sources: Sequence[str], with_bias: bool) -> dict[str, torch.Tensor]:

@@ -25,7 +25,15 @@ import torch
 from ..models.registry import FAMILIES, normalize_family
 from ..packing import PackedBatch, patchify, prefix_token_index, to_device, unpatchify
 
-__all__ = ["ItemOutput", "FamilyAdapter", "FAMILIES", "get_adapter", "require_transformers", "reference_from_pretrained"]
+__all__ = [
+    "ItemOutput",
+    "FamilyAdapter",
+    "FAMILIES",
+    "get_adapter",
+    "require_transformers",
+    "reference_from_pretrained",
+    "randomize_parameters",
+]
 
 
 def require_transformers(class_name: str, family: str):
@@ -53,6 +61,29 @@ def reference_from_pretrained(model_class, ckpt, dtype, **kwargs):
     version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
     dtype_argument = "dtype" if version >= (4, 56) else "torch_dtype"
     return model_class.from_pretrained(str(ckpt), attn_implementation="sdpa", **{dtype_argument: dtype}, **kwargs)
+
+
+@torch.no_grad()
+def randomize_parameters(model: torch.nn.Module, generator: torch.Generator, norm_scale: float = 0.1) -> None:
+    """Random values for every parameter, so that none is a no-op in a parity test.
+
+    Learned queries and prefix tokens (``probe``, ``cls_token``, ``register_tokens``) N(0, 1),
+    LayerScale 0.3 + N(0, 0.1²), other tensors of two or more axes N(0, 1/fan_in) (deep models
+    stay well conditioned), norm weights 1 + N(0, norm_scale²), other vectors (biases) N(0, 0.1²).
+    """
+    for name, parameter in model.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+        if name.endswith(("probe", "cls_token", "register_tokens")):
+            value = noise
+        elif "lambda1" in name:
+            value = 0.3 + 0.1 * noise
+        elif parameter.dim() >= 2:
+            value = noise / parameter[0].numel() ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            value = 1 + norm_scale * noise
+        else:
+            value = 0.1 * noise
+        parameter.copy_(value.to(parameter.dtype))
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 
 from ..models.dinov3 import DINOV3_RELEASES
-from . import FamilyAdapter, ItemOutput, reference_from_pretrained, require_transformers
+from . import FamilyAdapter, ItemOutput, randomize_parameters, reference_from_pretrained, require_transformers
 
-__all__ = ["DINOv3Adapter", "ADAPTER", "reference_config", "randomize_parameters"]
+__all__ = ["DINOv3Adapter", "ADAPTER", "reference_config"]
 
 #: tiny: a quick CPU configuration (head_dim 24, not a power of two); full: ViT-L/16
 _SIZES = {
@@ -36,30 +36,6 @@ def reference_config(size: str = "tiny", **overrides):
     values = dict(_SIZES[size], patch_size=16, num_register_tokens=4, hidden_act="gelu")
     values.update(overrides)
     return config_class(**values)
-
-
-@torch.no_grad()
-def randomize_parameters(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Random values for every parameter, biases, LayerScale, norms and prefix tokens included.
-
-    Norm weights 1 + N(0, 0.1²), LayerScale 0.3 + N(0, 0.1²), CLS and register tokens N(0, 1),
-    other tensors of two or more axes N(0, 1/fan_in) (so deep models stay well conditioned),
-    biases N(0, 0.1²).
-    """
-    for name, parameter in model.named_parameters():
-        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
-        if "norm" in name and name.endswith("weight"):
-            value = 1 + 0.1 * noise
-        elif "lambda1" in name:
-            value = 0.3 + 0.1 * noise
-        elif name.endswith("cls_token") or name.endswith("register_tokens"):
-            value = noise
-        elif parameter.dim() >= 2:
-            fan_in = parameter[0].numel()
-            value = noise / fan_in**0.5
-        else:
-            value = 0.1 * noise
-        parameter.copy_(value.to(parameter.dtype))
 
 
 class DINOv3Adapter(FamilyAdapter):

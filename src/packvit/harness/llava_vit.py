@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
-from . import FamilyAdapter, ItemOutput
+from . import FamilyAdapter, ItemOutput, randomize_parameters
 
-__all__ = ["LlavaViTAdapter", "ADAPTER", "TINY", "FULL", "randomize_parameters"]
+__all__ = ["LlavaViTAdapter", "ADAPTER", "TINY", "FULL"]
 
 #: small random configuration for CPU tests (head_dim 32)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
@@ -23,24 +23,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 #: lmms-lab-encoder/onevision-encoder-large
 FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
             image_size=448)
-
-
-def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> None:
-    """Redraws every parameter so none is a no-op: matrices ``N(0, 1/fan_in)``, norm weights
-    ``1 + N(0, 0.2²)``, biases ``N(0, 0.1²)``, the probe ``N(0, 1)``."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("probe"):
-                value = noise
-            elif parameter.dim() >= 2:
-                value = noise * parameter[0].numel() ** -0.5
-            elif "norm" in name and name.endswith("weight"):
-                value = 1 + 0.2 * noise
-            else:
-                value = 0.1 * noise
-            parameter.copy_(value.to(parameter.dtype))
 
 
 class LlavaViTAdapter(FamilyAdapter):
@@ -61,7 +43,7 @@ class LlavaViTAdapter(FamilyAdapter):
         config = LlavaViTConfig(**{**(TINY if size == "tiny" else FULL), **overrides})
         torch.manual_seed(seed)
         model = LlavaViTModel(config)
-        randomize_parameters(model, seed)
+        randomize_parameters(model, torch.Generator().manual_seed(seed), norm_scale=0.2)
         directory = Path(directory)
         model.save_pretrained(directory)
         return directory

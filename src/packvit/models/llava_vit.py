@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..checkpoint import conv_to_linear, fuse_linear, linear_to_conv, read_tensor_names, rename, strip_prefix
+from ..checkpoint import conv_to_linear, fuse_linear, linear_to_conv, read_tensor_names, rename, rename_prefixes, strip_prefix
 from ..layers import AttentionPoolingHead, EncoderBlock, Mlp, RMSNorm
 from ..packing import to_device, token_positions, validate_patch_positions
 from ..positions import RotaryTable, rope_3d_axis_widths, rope_3d_cos_sin
@@ -199,11 +199,11 @@ class LlavaViTPackingModel(PackedVisionModel):
         if layout == "published":
             state = map_published_to_packing(state)
         state["patch_embed.proj.weight"] = conv_to_linear(state["patch_embed.proj.weight"], "cpp")
-        return rename(state, _PACKING_TO_PACKVIT)
+        return rename_prefixes(state, _PACKING_NAMES)
 
     def export_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """The packing format: ``config.json`` of ``model_type`` ``llava_vit_packing`` and the packing names."""
-        state = rename(self.state_dict(), _PACKVIT_TO_PACKING)
+        state = rename_prefixes(self.state_dict(), _PACKING_NAMES, reverse=True)
         config = self.config
         state["patch_embed.proj.weight"] = linear_to_conv(state["patch_embed.proj.weight"], "cpp",
                                                           config.num_channels, config.patch_size)
@@ -230,22 +230,14 @@ class LlavaViTPackingModel(PackedVisionModel):
 
 PUBLISHED_PREFIXES = ("onevision_encoder.", "llava_vit.")
 
-#: packing-format names → packvit names (regular expressions), and back
-_PACKING_TO_PACKVIT = [
-    (r"^patch_embed\.proj\.", "embeddings.patch_embed."),
-    (r"^layernorm_pre\.", "embeddings.layernorm_pre."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"blocks.\1.norm\2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^layernorm_post\.", "final_norm."),
-]
-_PACKVIT_TO_PACKING = [
-    (r"^embeddings\.patch_embed\.", "patch_embed.proj."),
-    (r"^embeddings\.layernorm_pre\.", "layernorm_pre."),
-    (r"^blocks\.(\d+)\.norm(\d)\.", r"encoder.layers.\1.layer_norm\2."),
-    (r"^blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-    (r"^final_norm\.", "layernorm_post."),
+#: packing-format name prefixes and packvit's ({} stands for a layer index)
+_PACKING_NAMES = [
+    ("patch_embed.proj.", "embeddings.patch_embed."),
+    ("layernorm_pre.", "embeddings.layernorm_pre."),
+    ("encoder.layers.{}.layer_norm{}.", "blocks.{}.norm{}."),
+    ("encoder.layers.{}.self_attn.", "blocks.{}.attn."),
+    ("encoder.layers.{}.mlp.", "blocks.{}.mlp."),
+    ("layernorm_post.", "final_norm."),
 ]
 
 

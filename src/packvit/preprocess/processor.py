@@ -49,13 +49,12 @@ passed over because every packvit processor converts to RGB (identical for RGB i
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 from pathlib import Path
 from typing import ClassVar
 
-from ..checkpoint import read_config_dict, resolve_checkpoint
+from ..checkpoint import read_config_dict, read_json_object, resolve_checkpoint
 from ..models.registry import family_config, normalize_family
 from ..packing import PackedBatch
 from .common import IMAGE_TYPES, PROCESSOR_BACKENDS, check_max_num_patches, image_list, video_list
@@ -140,15 +139,7 @@ class PreprocessorSettings:
 def read_preprocessor_config(directory) -> dict | None:
     """The contents of ``directory/preprocessor_config.json``, or ``None`` where there is none."""
     path = Path(directory) / PREPROCESSOR_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        fields = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-save or re-download it") from error
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not an object of processor settings")
-    return fields
+    return read_json_object(path, "processor settings") if path.is_file() else None
 
 
 def _check_native(native) -> bool | None:
