@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models.base import PackedVisionModel, PackMetadata, _normalize_layers
+from .models.base import PackedVisionModel, PackMetadata, normalize_layer_indices
 from .packing import (PackedBatch, SegmentLayout, item_token_counts, offsets_within_items, prefix_token_index, to_device,
                       validate_grid_thw)
 
@@ -184,7 +184,7 @@ class VisionTower(nn.Module):
             layers = [select_layer] if isinstance(select_layer, int) else list(select_layer)
             if not layers:
                 raise ValueError("select_layer is an empty list; pass a layer index, a list of them, or None")
-            self.layers = _normalize_layers(layers, model.num_hidden_layers)
+            self.layers = normalize_layer_indices(layers, model.num_hidden_layers)
         self.select_feature = select_feature
         self.merge_size = spatial_merge if spatial_merge and spatial_merge > 1 else 1
         self.odd_grids = odd_grids

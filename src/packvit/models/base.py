@@ -44,6 +44,7 @@ __all__ = [
     "PackedVisionModel",
     "default_device",
     "default_dtype",
+    "normalize_layer_indices",
     "PACKVIT_FORMAT_KEY",
 ]
 
@@ -131,7 +132,7 @@ def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _normalize_layers(hidden_layers: Sequence[int], num_layers: int) -> list[int]:
+def normalize_layer_indices(hidden_layers: Sequence[int], num_layers: int) -> list[int]:
     """Indices into the ``num_layers + 1`` hidden states (negative from the end) → ``0 .. num_layers``."""
     normalized = []
     for index in hidden_layers:
@@ -428,7 +429,7 @@ class PackedVisionModel(nn.Module):
             self._check_metadata(metadata, grid)
         keep = list(range(self.num_hidden_layers + 1)) if output_hidden_states else []
         if hidden_layers is not None:
-            keep = _normalize_layers(hidden_layers, self.num_hidden_layers)
+            keep = normalize_layer_indices(hidden_layers, self.num_hidden_layers)
         if hidden_states_only and not keep:
             raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
         if hidden_states_only:
