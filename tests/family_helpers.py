@@ -72,3 +72,43 @@ def import_timm():
         for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
             del sys.modules[name]
     return timm
+
+
+def reference_processor(name: str, backend: str):
+    """transformers' image processor class ``name`` (e.g. ``"CLIPImageProcessor"``) for a backend.
+
+    transformers 5 names the PIL class ``{name}Pil`` and the torchvision one ``{name}``; 4.x names
+    the PIL (numpy) class ``{name}`` and the torchvision one ``{name}Fast``. Skips where the class
+    is missing.
+    """
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    five = int(transformers.__version__.split(".")[0]) >= 5
+    class_name = {("pil", True): f"{name}Pil", ("torch", True): name, ("pil", False): name,
+                  ("torch", False): f"{name}Fast"}[(backend, five)]
+    if not hasattr(transformers, class_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
+    return getattr(transformers, class_name)
+
+
+REFERENCE_CLASSES = {"siglip2": "Siglip2VisionModel", "dinov3": "DINOv3ViTModel", "aimv2": "Aimv2VisionModel"}
+
+
+def require_references(*families: str) -> None:
+    """Skips unless the installed transformers has the reference of every family named (OneVision's
+    reference is packvit's own and needs nothing)."""
+    import importlib.util
+
+    import pytest
+
+    needed = [REFERENCE_CLASSES[f] for f in families if f in REFERENCE_CLASSES]
+    if not needed:
+        return
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("the references need transformers (pip install 'packvit[align]')")
+    import transformers
+
+    missing = [name for name in needed if not hasattr(transformers, name)]
+    if missing:
+        pytest.skip(f"transformers {transformers.__version__} has no {', '.join(missing)}")

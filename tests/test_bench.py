@@ -8,6 +8,7 @@ from packvit import cli
 from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, kernel_category, latency_percentiles, workload_grids
 from packvit.harness import get_adapter
 from packvit.models import base
+from family_helpers import require_references
 
 
 def test_workloads_follow_benchmarks_md():
@@ -60,6 +61,7 @@ def test_forward_flops_counts_projections_mlp_attention_and_patch_embedding():
 
 
 def test_bench_smoke_writes_json_table_and_chart(tmp_path):
+    require_references("siglip2", "dinov3")
     out = tmp_path / "bench"
     assert cli.main(["bench", "--smoke", "--models", "siglip2", "dinov3", "--workloads", "mixed", "--repeats", "1",
                      "--out", str(out)]) == 0
@@ -90,6 +92,7 @@ def test_kernel_categories(name, category):
 
 
 def test_bench_profile_reports_kernel_time(tmp_path):
+    require_references("aimv2")
     out = tmp_path / "bench"
     assert cli.main(["bench", "--smoke", "--models", "aimv2", "--workloads", "mixed", "--repeats", "1", "--no-compile",
                      "--profile", "--out", str(out)]) == 0
@@ -99,6 +102,7 @@ def test_bench_profile_reports_kernel_time(tmp_path):
 
 
 def test_bench_times_every_baseline_before_packvit_and_reports_online_latency(tmp_path, monkeypatch):
+    require_references("siglip2", "dinov3")
     """Both families' references run before any packvit block (the compiled ones included); the
     online workload reports p50/p90 per call, the CUDA graphs skipped on the CPU with the reason."""
     events = []

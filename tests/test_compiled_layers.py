@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from family_helpers import require_references
 from packvit.harness import get_adapter
 
 
@@ -10,6 +11,7 @@ def test_compiled_layers_match_eager_without_recompiling(tmp_path):
     dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
     torch._dynamo.reset()
     dynamo_counters.clear()
+    require_references("dinov3")
     adapter = get_adapter("dinov3")
     model = adapter.load_packed(adapter.write_random_checkpoint(tmp_path, "tiny"), torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(0)

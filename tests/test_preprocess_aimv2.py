@@ -19,6 +19,7 @@ from packvit.preprocess.clip import (
     shortest_edge_size,
     to_rgb_uint8,
 )
+from family_helpers import reference_processor
 
 data = pytest.importorskip("skimage.data")
 
@@ -71,14 +72,14 @@ def check_clip_backend(processor_class, backend, photos):
 
 
 def test_clip_pil_backend_equals_clip_image_processor_pil(photos):
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     assert check_clip_backend(CLIPImageProcessorPil, "pil", photos) >= 4 * 20
 
 
 def test_clip_torch_backend_equals_torchvision_clip_image_processor(photos):
     pytest.importorskip("torchvision")
-    CLIPImageProcessor = hf().CLIPImageProcessor
+    CLIPImageProcessor = reference_processor("CLIPImageProcessor", "torch")
 
     assert check_clip_backend(CLIPImageProcessor, "torch", photos) >= 4 * 20
 
@@ -95,7 +96,7 @@ def test_clip_backends_differ_only_by_resampling(photos):
 
 
 def test_clip_bilinear_and_square_size(photos):
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     processor = CLIPImageProcessorPil(size={"height": 150, "width": 200}, resample=2, do_center_crop=False)
     for name in ("chelsea", "camera"):
@@ -121,7 +122,7 @@ def test_center_crop_pads_small_images_like_each_backend():
 
 
 def test_rgb_conversion_composites_transparency_onto_white():
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     as_is = CLIPImageProcessorPil(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False)
     rgba = np.zeros((2, 2, 4), dtype=np.uint8)
@@ -148,7 +149,7 @@ def test_clip_errors():
 
 
 def test_aimv2_fixed_size_equals_the_reference_processor(photos):
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     for image_size in (224, 336):
         processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
@@ -162,7 +163,7 @@ def test_aimv2_fixed_size_equals_the_reference_processor(photos):
 
 def test_aimv2_native_resolution_is_the_unresized_reference(photos):
     """No cap: no resize, CLIP normalisation, remainder pixels dropped as the reference's conv drops them."""
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     processor = CLIPImageProcessorPil(do_resize=False, do_center_crop=False)
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "logo"]
@@ -179,7 +180,7 @@ def test_aimv2_native_resolution_is_the_unresized_reference(photos):
 
 
 def test_aimv2_native_token_cap_resizes_like_the_processor(photos):
-    CLIPImageProcessorPil = hf().CLIPImageProcessorPil
+    CLIPImageProcessorPil = reference_processor("CLIPImageProcessor", "pil")
 
     for name in ("rocket", "chelsea", "camera"):
         image = Image.fromarray(photos[name])
@@ -209,7 +210,7 @@ def test_floor_patch_grid_rules():
 
 def test_real_photographs_through_both_models(tmp_path, photos):
     """Native-resolution photographs of different sizes, packed, against the reference one by one."""
-    hf()
+    pytest.importorskip("transformers.models.aimv2.modeling_aimv2")  # the reference arrived in 4.56
     from packvit.harness.aimv2 import ADAPTER
 
     ckpt = ADAPTER.write_random_checkpoint(tmp_path / "native", use_head=True)

@@ -19,14 +19,13 @@ from packvit.preprocess.llava_vit import (
     timeline_positions,
     timeline_slots,
 )
+from family_helpers import reference_processor
 
 PHOTOS = {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
 
 
 def published_processor(backend):
-    transformers = pytest.importorskip("transformers")
-
-    cls = transformers.CLIPImageProcessorPil if backend == "pil" else transformers.CLIPImageProcessor
+    cls = reference_processor("CLIPImageProcessor", backend)
     return cls(size={"shortest_edge": 448}, crop_size={"height": 448, "width": 448}, resample=3,
                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
 

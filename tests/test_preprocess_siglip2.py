@@ -16,6 +16,7 @@ from packvit.preprocess.siglip2 import (
     target_size_for_max_num_patches,
     to_rgb_uint8,
 )
+from family_helpers import reference_processor
 
 data = pytest.importorskip("skimage.data")
 
@@ -59,7 +60,10 @@ def _assert_equal_to_reference(packed: PackedBatch, reference) -> None:
 
 def test_target_size_matches_the_reference_search():
     hf()
-    from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    try:  # transformers 5 keeps it beside the PIL class, 4.x beside the only one
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+    except ImportError:
+        from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
     rng = np.random.default_rng(1)
     sizes = [(480, 640), (1024, 224), (1, 1), (1, 5000), (16, 16), (300, 451)]
@@ -74,7 +78,7 @@ def test_target_size_matches_the_reference_search():
 
 @pytest.mark.parametrize("max_num_patches", MAX_NUM_PATCHES)
 def test_pil_backend_matches_siglip2_image_processor_pil(photographs, max_num_patches):
-    processor = hf().Siglip2ImageProcessorPil()
+    processor = reference_processor("Siglip2ImageProcessor", "pil")()
     reference = processor(photographs, max_num_patches=max_num_patches, return_tensors="pt")
     packed = siglip2_preprocess(photographs, max_num_patches=max_num_patches, backend="pil")
     assert packed.num_items == len(photographs) >= 20
@@ -85,7 +89,7 @@ def test_pil_backend_matches_siglip2_image_processor_pil(photographs, max_num_pa
 @pytest.mark.parametrize("max_num_patches", MAX_NUM_PATCHES)
 def test_torch_backend_matches_siglip2_image_processor(photographs, max_num_patches):
     pytest.importorskip("torchvision")
-    processor = hf().Siglip2ImageProcessor()
+    processor = reference_processor("Siglip2ImageProcessor", "torch")()
     assert processor.backend == "torchvision"
     reference = processor(photographs, max_num_patches=max_num_patches, return_tensors="pt")
     packed = siglip2_preprocess(photographs, max_num_patches=max_num_patches)  # "torch" is the default
@@ -123,9 +127,9 @@ def test_other_inputs_match_the_processor_converting_to_rgb(backend):
         pytest.skip("transformers before 5.23 rejects RGBA arrays and drops alpha instead of compositing")
     if backend == "torch":
         pytest.importorskip("torchvision")
-        processor = transformers.Siglip2ImageProcessor(do_convert_rgb=True)
+        processor = reference_processor("Siglip2ImageProcessor", "torch")(do_convert_rgb=True)
     else:
-        processor = transformers.Siglip2ImageProcessorPil(do_convert_rgb=True)
+        processor = reference_processor("Siglip2ImageProcessor", "pil")(do_convert_rgb=True)
     inputs = _mixed_inputs(backend)
     for max_num_patches in (64, 1024):
         reference = processor(inputs, max_num_patches=max_num_patches, return_tensors="pt")
@@ -135,7 +139,7 @@ def test_other_inputs_match_the_processor_converting_to_rgb(backend):
 def test_the_reference_rejects_grey_images_without_conversion():
     """Why packvit converts: with its default settings the reference cannot normalise one channel."""
     with pytest.raises(ValueError):
-        hf().Siglip2ImageProcessorPil()(Image.fromarray(data.camera()), return_tensors="pt")
+        reference_processor("Siglip2ImageProcessor", "pil")()(Image.fromarray(data.camera()), return_tensors="pt")
     assert siglip2_preprocess(Image.fromarray(data.camera()), backend="pil").patches.shape == (256, 768)
 
 

@@ -21,6 +21,7 @@ from packvit.preprocess.clip import clip_preprocess
 from packvit.preprocess.dinov3 import DINOv3Processor, dinov3_preprocess
 from packvit.preprocess.llava_vit import LlavaViTProcessor, llava_vit_preprocess, pack_items, preprocess_images
 from packvit.preprocess.siglip2 import Siglip2Processor, siglip2_preprocess
+from family_helpers import reference_processor
 
 data = pytest.importorskip("skimage.data")
 
@@ -325,16 +326,15 @@ def test_aimv2_native_checkpoint_with_a_preprocessor_config(images, tmp_path):
 
 
 def test_files_transformers_writes_load(images, tmp_path):
-    transformers = pytest.importorskip("transformers")
     for name, processor_class, kwargs in (
-        ("siglip2", transformers.Siglip2ImageProcessorPil, {"max_num_patches": 144}),
-        ("llava_vit", transformers.CLIPImageProcessorPil, {"size": {"shortest_edge": 448},
+        ("siglip2", "Siglip2ImageProcessor", {"max_num_patches": 144}),
+        ("llava_vit", "CLIPImageProcessor", {"size": {"shortest_edge": 448},
                                                            "crop_size": {"height": 448, "width": 448}}),
-        ("aimv2_336", transformers.CLIPImageProcessorPil, {"size": {"shortest_edge": 336},
+        ("aimv2_336", "CLIPImageProcessor", {"size": {"shortest_edge": 336},
                                                            "crop_size": {"height": 336, "width": 336}}),
     ):
         directory = checkpoint(tmp_path, name)
-        processor_class(**kwargs).save_pretrained(directory)
+        reference_processor(processor_class, "pil")(**kwargs).save_pretrained(directory)
         assert (directory / "preprocessor_config.json").is_file()
         load_processor(directory)
     assert load_processor(tmp_path / "siglip2").max_num_patches == 144

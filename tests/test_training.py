@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from packvit.harness import FAMILIES, get_adapter
 from packvit.models.base import PackedVisionModel
 from packvit.packing import PackedBatch
+from family_helpers import require_references
 
-pytest.importorskip("transformers")
 
 CPU = torch.device("cpu")
 #: largest gradient difference allowed, relative to the largest gradient of the model (float32)
@@ -28,8 +28,15 @@ GRIDS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """``checkpoints(family)``: the family's small random checkpoint, written once (a skip where the
+    installed transformers lacks its reference)."""
     root = tmp_path_factory.mktemp("training")
-    return {family: get_adapter(family).cached_random_checkpoint(root, "tiny", seed=3) for family in FAMILIES}
+
+    def checkpoint(family):
+        require_references(family)
+        return get_adapter(family).cached_random_checkpoint(root, "tiny", seed=3)
+
+    return checkpoint
 
 
 def random_items(adapter, grids, patch_size, seed=0):
@@ -67,8 +74,8 @@ def assert_close(expected: dict, actual: dict, tolerance=GRADIENT_TOLERANCE):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_equal_the_reference(checkpoints, family):
     adapter = get_adapter(family)
-    reference = adapter.load_reference(checkpoints[family], CPU, torch.float32)  # eval mode: DINOv3 rescales RoPE in train
-    packed = adapter.load_packed(checkpoints[family], CPU, torch.float32).train()  # deterministic in train mode too
+    reference = adapter.load_reference(checkpoints(family), CPU, torch.float32)  # eval mode: DINOv3 rescales RoPE in train
+    packed = adapter.load_packed(checkpoints(family), CPU, torch.float32).train()  # deterministic in train mode too
     items = random_items(adapter, GRIDS[family], packed.patch_size)
     reference_inputs, reference_grads = gradients(projection_loss(adapter.run_reference(reference, items, 32)), items, reference)
     packed_inputs, packed_grads = gradients(projection_loss(adapter.run_packed(packed, items)), items, packed)
@@ -87,7 +94,7 @@ def test_gradients_equal_the_reference(checkpoints, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_items_do_not_leak_gradient(checkpoints, family):
     adapter = get_adapter(family)
-    packed = adapter.load_packed(checkpoints[family], CPU, torch.float32)
+    packed = adapter.load_packed(checkpoints(family), CPU, torch.float32)
     batch = adapter.pack(adapter.random_items(GRIDS[family], packed.patch_size, torch.Generator().manual_seed(0)), packed)
     patches = batch.patches.requires_grad_()
     out = packed(PackedBatch(patches, batch.grid_thw, batch.patch_layout))
@@ -124,6 +131,7 @@ def saved_activation_bytes(model: PackedVisionModel, batch) -> tuple[int, torch.
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_recomputes_blocks_on_the_same_metadata(tmp_path, family):
+    require_references(family)
     adapter = get_adapter(family)
     ckpt = adapter.write_random_checkpoint(tmp_path, "tiny", seed=4, num_hidden_layers=6)
     model = adapter.load_packed(ckpt, CPU, torch.float32)
@@ -161,7 +169,7 @@ def test_compiled_training_breaks_only_at_attention_and_never_recompiles(checkpo
     torch._dynamo.reset()
     counters.clear()
     adapter = get_adapter("dinov3")
-    model = adapter.load_packed(checkpoints["dinov3"], CPU, torch.float32)
+    model = adapter.load_packed(checkpoints("dinov3"), CPU, torch.float32)
     generator = torch.Generator().manual_seed(0)
     graphs_after_first_pack = None
     for grids in ([(3, 4), (5, 2)], [(1, 2), (7, 3), (2, 9)], [(6, 6)]):
@@ -188,7 +196,7 @@ def test_compiled_training_breaks_only_at_attention_and_never_recompiles(checkpo
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_autocast_trains_close_to_float32(checkpoints, family):
     adapter = get_adapter(family)
-    model = adapter.load_packed(checkpoints[family], CPU, torch.float32)
+    model = adapter.load_packed(checkpoints(family), CPU, torch.float32)
     batch = adapter.pack(adapter.random_items([(3, 4), (5, 2), (2, 2)], model.patch_size, torch.Generator().manual_seed(0)), model)
     projection = torch.randn(batch.patches.shape[0], model.hidden_size, generator=torch.Generator().manual_seed(1))
     matmul_dtypes = []
@@ -214,8 +222,8 @@ def test_bf16_parameters_with_float32_master_weights(checkpoints, family):
     """The bf16 compute copy takes the gradients; float32 master weights take the optimiser step
     and are copied back; three steps follow the float32 run within bf16 tolerance."""
     adapter = get_adapter(family)
-    reference, master = (adapter.load_packed(checkpoints[family], CPU, torch.float32) for _ in range(2))
-    compute = adapter.load_packed(checkpoints[family], CPU, torch.bfloat16)
+    reference, master = (adapter.load_packed(checkpoints(family), CPU, torch.float32) for _ in range(2))
+    compute = adapter.load_packed(checkpoints(family), CPU, torch.bfloat16)
     initial = [p.detach().clone() for p in master.parameters()]
     items = adapter.random_items([(3, 4), (5, 2), (2, 2)], reference.patch_size, torch.Generator().manual_seed(0))
     batch = adapter.pack(items, reference)

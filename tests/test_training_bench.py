@@ -4,12 +4,13 @@ import json
 
 import pytest
 
+from family_helpers import require_references
 from packvit import train_bench
 
-pytest.importorskip("transformers")
 
 
 def test_smoke_run_writes_every_figure(tmp_path, capsys):
+    require_references("siglip2", "dinov3")
     out = tmp_path / "train"
     arguments = ["--smoke", "--items", "3", "--repeats", "1", "--out", str(out), "--ckpt_dir", str(tmp_path / "ckpts")]
     assert train_bench.main(arguments) == 0
