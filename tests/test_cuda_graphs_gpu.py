@@ -10,7 +10,6 @@ appended to ``cuda_graphs.jsonl`` beside it.
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,16 +26,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MAX_ITEMS = 8
 PACKS_PER_BUDGET = 3
 LATENCY_CALLS = 30
-
-
-@pytest.fixture(scope="module")
-def checkpoint_root():
-    root = os.environ.get("PACKVIT_CKPT_DIR")
-    if root:
-        yield Path(root)
-    else:
-        with tempfile.TemporaryDirectory(prefix="packvit-gpu-") as scratch:
-            yield Path(scratch)
 
 
 def report(record: dict) -> None:

@@ -7,8 +7,6 @@ for OneVision). Each test appends its figures as a JSON line to ``$PACKVIT_GPU_R
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,16 +20,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 POOLED_COSINE = {"siglip2": 0.999, "dinov3": 0.999, "aimv2": 0.999, "llava_vit": 0.9999}
 FLOAT32_ITEMS = 128  # float32 runs on the first items of the workload
-
-
-@pytest.fixture(scope="module")
-def checkpoint_root():
-    root = os.environ.get("PACKVIT_CKPT_DIR")
-    if root:
-        yield Path(root)
-    else:
-        with tempfile.TemporaryDirectory(prefix="packvit-gpu-") as scratch:
-            yield Path(scratch)
 
 
 def report(record: dict) -> None:
