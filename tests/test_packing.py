@@ -194,3 +194,15 @@ def test_to_device_copies_exactly_to_cuda(dtype):
     on_device = to_device(host, torch.device("cuda"))
     assert on_device.device.type == "cuda" and on_device.dtype == dtype
     assert torch.equal(on_device.cpu(), host)
+
+
+def test_pack_by_budget_is_greedy_and_keeps_order():
+    from packvit.packing import GreedyPacker, pack_by_budget
+
+    assert pack_by_budget([3, 3, 3, 10, 1, 1], 6) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+    assert pack_by_budget([], 5) == []
+    assert pack_by_budget([7], 5) == [range(0, 1)]  # an oversized item alone
+    packer = GreedyPacker(4)
+    assert [packer.add(n) for n in (2, 2, 1, 4, 4)] == [False, False, True, True, True]
+    with pytest.raises(ValueError, match="positive whole number"):
+        GreedyPacker(0)

@@ -17,9 +17,8 @@ import torch
 
 from .attention import varlen_attention
 from .metrics import compute_similarity_metrics
+from ._version import __version__
 from .packing import PackedBatch, SegmentLayout, patchify, unpatchify
-
-__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

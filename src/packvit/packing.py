@@ -29,6 +29,8 @@ __all__ = [
     "token_positions",
     "to_device",
     "split_items",
+    "GreedyPacker",
+    "pack_by_budget",
     "prefix_token_index",
     "offsets_within_items",
     "patchify",
@@ -240,6 +242,43 @@ def split_items(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
     if x.shape[0] != sum(lengths):
         raise ValueError(f"cannot split {x.shape[0]} rows into items of {sum(lengths)} rows in total")
     return list(torch.split(x, lengths, dim=0))
+
+
+class GreedyPacker:
+    """Consecutive items into packs of at most ``budget`` tokens, one item at a time: the one
+    packing rule of packvit (an item larger than the budget makes a pack of its own).
+
+    ``add(count)`` returns whether the item opens a new pack, so a streaming caller closes the
+    current pack first; ``pack_by_budget`` is the same rule over a list.
+    """
+
+    def __init__(self, budget: int):
+        if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"a token budget is a positive whole number of tokens, got {budget!r}")
+        self.budget = int(budget)
+        self.used = 0
+
+    def add(self, count: int) -> bool:
+        """Counts an item of ``count`` tokens in; ``True`` when it does not fit the current pack."""
+        opens = self.used > 0 and self.used + count > self.budget
+        self.used = count if opens else self.used + count
+        return opens
+
+    def reset(self) -> None:
+        """The current pack was closed by the caller."""
+        self.used = 0
+
+
+def pack_by_budget(counts: Sequence[int], budget: int) -> list[range]:
+    """Item indices grouped into consecutive packs of at most ``budget`` tokens (``GreedyPacker``'s rule)."""
+    packer, packs, start = GreedyPacker(budget), [], 0
+    for index, count in enumerate(counts):
+        if packer.add(int(count)):
+            packs.append(range(start, index))
+            start = index
+    if len(counts) > start:
+        packs.append(range(start, len(counts)))
+    return packs
 
 
 def prefix_token_index(patch_counts: Sequence[int], num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
