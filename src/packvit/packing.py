@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "PATCH_LAYOUTS",
+    "BatchOrigin",
     "PackedBatch",
     "SegmentLayout",
     "validate_grid_thw",
@@ -370,6 +371,16 @@ def unpatchify(
     return items
 
 
+@dataclass(frozen=True)
+class BatchOrigin:
+    """What made a batch: the processor's ``family`` and its normalisation (per-channel
+    ``image_mean``, ``image_std``). A model refuses a batch another family's processor made."""
+
+    family: str
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+
 @dataclass
 class PackedBatch:
     """Patches of many items in one tensor, with the grid that describes them.
@@ -377,13 +388,15 @@ class PackedBatch:
     ``patches [total_patches, patch_dim]`` flattened in ``patch_layout`` (``"ppc"`` or ``"cpp"``),
     ``grid_thw [num_items, 3]`` (host int64), and optionally ``patch_positions [total_patches, 3]``
     (integer (t, row, column) of every patch, for models with positions of their own choosing: the
-    OneVision video timeline). A model refuses a batch in another layout than its own.
+    OneVision video timeline). ``origin``: the processor that made the batch (``None`` for a
+    hand-built one). A model refuses a batch in another layout than its own.
     """
 
     patches: torch.Tensor
     grid_thw: torch.Tensor
     patch_layout: str = "ppc"
     patch_positions: torch.Tensor | None = None
+    origin: BatchOrigin | None = None
 
     def __post_init__(self):
         _check_layout(self.patch_layout)
@@ -405,7 +418,7 @@ class PackedBatch:
         return self.patches.shape[1]
 
     def _replace(self, patches: torch.Tensor, patch_positions: torch.Tensor | None) -> "PackedBatch":
-        return PackedBatch(patches, self.grid_thw, self.patch_layout, patch_positions)
+        return PackedBatch(patches, self.grid_thw, self.patch_layout, patch_positions, self.origin)
 
     def to(self, device=None, dtype=None) -> "PackedBatch":
         """The batch with its patches on ``device`` in ``dtype`` (a non-blocking copy; the grid and
@@ -425,11 +438,11 @@ class PackedBatch:
         ``(1, h, w)``. The patches stay as they are (a clip's patches are already frame after frame)."""
         frames = torch.repeat_interleave(self.grid_thw[:, 1:], self.grid_thw[:, 0], dim=0)  # [sum(t), 2]
         grid = torch.cat([torch.ones(frames.shape[0], 1, dtype=torch.int64), frames], dim=1)
-        return PackedBatch(self.patches, grid, self.patch_layout, self.patch_positions)
+        return PackedBatch(self.patches, grid, self.patch_layout, self.patch_positions, self.origin)
 
     @classmethod
     def concat(cls, batches: Sequence["PackedBatch"]) -> "PackedBatch":
-        """Joins packed batches into one, item order kept."""
+        """Joins packed batches into one, item order kept (its ``origin`` is theirs when they share one)."""
         if not batches:
             raise ValueError("PackedBatch.concat needs at least one batch")
         layouts = {b.patch_layout for b in batches}
@@ -441,6 +454,12 @@ class PackedBatch:
                 "cannot join packed batches where some carry patch_positions and some do not; give every "
                 "batch patch_positions (e.g. packvit.packing.token_positions(batch.grid_thw)), or none"
             )
+        origins = {b.origin for b in batches}
+        if len(origins) != 1:
+            raise ValueError(
+                f"cannot join batches made by different processors ({sorted(str(o) for o in origins)}): each "
+                f"model reads its own family's patches; encode them separately"
+            )
         positions = torch.cat([b.patch_positions for b in batches]) if all(with_positions) else None
         return cls(torch.cat([b.patches for b in batches]), torch.cat([b.grid_thw for b in batches]),
-                   layouts.pop(), positions)
+                   layouts.pop(), positions, origins.pop())
