@@ -149,3 +149,16 @@ def test_batch_and_tensors_are_not_mixed(checkpoints):
         model(batch, batch.grid_thw)
     with pytest.raises(ValueError, match="with grid_thw"):
         model(batch.patches)
+
+
+def test_runtime_sets_modes_and_restores_them(checkpoints):
+    model = packvit.from_pretrained(checkpoints["siglip2"])
+    model.compile_layers, model.attention_backend = None, None
+    with model.runtime(compile_layers=False, attention_backend="reference", gradient_checkpointing=True):
+        assert (model.compile_layers, model.attention_backend, model.gradient_checkpointing) == (False, "reference", True)
+    assert (model.compile_layers, model.attention_backend, model.gradient_checkpointing) == (None, None, False)
+    with pytest.raises(RuntimeError), model.runtime(compile_layers=True):
+        raise RuntimeError("restored on errors too")
+    assert model.compile_layers is None
+    with pytest.raises(ValueError, match="unknown runtime modes"), model.runtime(speed=11):
+        pass

@@ -22,6 +22,7 @@ where it differs from the parameters' (FSDP2 mixed precision).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,32 @@ class PackedVisionModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.gradient_checkpointing
+
+    # --- runtime modes -----------------------------------------------------------------------
+
+    #: the modes ``runtime`` sets: model attributes that change how a forward runs, not what it computes
+    RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing")
+
+    @contextlib.contextmanager
+    def runtime(self, **modes):
+        """Sets runtime modes for the duration of a ``with`` block and restores them after it::
+
+            with model.runtime(compile_layers=True, attention_backend="fa4"):
+                model(batch)
+
+        Any attribute of ``RUNTIME_MODES`` may be given; an unknown name is a ``ValueError``.
+        """
+        unknown = sorted(set(modes) - set(self.RUNTIME_MODES))
+        if unknown:
+            raise ValueError(f"unknown runtime modes {unknown}; model.runtime takes {list(self.RUNTIME_MODES)}")
+        saved = {name: getattr(self, name) for name in modes}
+        try:
+            for name, value in modes.items():
+                setattr(self, name, value)
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     # --- the forward template ----------------------------------------------------------------
 
