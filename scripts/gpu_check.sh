@@ -11,12 +11,14 @@
 #   bench           packvit bench --profile (all families and workloads unless arguments after --)
 #   train-bench     python -m packvit.train_bench (forward + backward against the references)
 #   embed-bench     python -m packvit.embed.bench (the `files` workload, end to end)
-#   fa4-extract     unpack .fa4/ (FlashAttention 4's CUDA library, see ../shared/tools/fa4-carry.sh)
-#   fa4-install     install .fa4b/'s wheels beside it (.fa4 extracted by an earlier call on this machine)
+#   fa4-install     install FlashAttention 4: .fa4b/'s wheels first, then .fa4/'s CUDA library archive
+#                   over them (see ../shared/tools/fa4-carry.sh; the other order leaves a cutlass
+#                   package that pip --target skips: "No module named 'cutlass.cute'")
 #
-# FA4 needs two calls: one carrying .fa4 (`fa4-extract ...`), then, while the machine is warm, one
-# carrying .fa4b (`fa4-install ...`); later calls find it in /opt/fa4site. Figures go to $OUT (or
-# gpu_out/), full-size random checkpoints to $PACKVIT_CKPT_DIR, reused by later calls.
+# FA4 needs two calls: one carrying .fa4 (any stages; .fa4 stays on the warm machine), then, while
+# the machine is warm, one carrying .fa4b that starts with `fa4-install`; later calls find it in
+# /opt/fa4site. Figures go to $OUT (or gpu_out/), full-size random checkpoints to
+# $PACKVIT_CKPT_DIR, reused by later calls.
 #
 # Measured on an H200 (this release): model-tests 345 s on a fresh machine (writing the full-size
 # checkpoints included), training-tests 86 s, bench of four families x (uniform, mixed) with
@@ -55,10 +57,11 @@ for stage in "${stages[@]}"; do
     bench) run bench $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "${bench_args[@]}" ;;
     train-bench) run train-bench $python -m packvit.train_bench --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/train_bench" ;;
     embed-bench) run embed-bench $python -m packvit.embed.bench --num_files 5000 --size full --out "$out/embed_bench" ;;
-    fa4-extract) mkdir -p /opt/fa4site && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz && status+=("fa4-extract: done") ;;
     fa4-install)
-      $python -m pip install -q --no-index --no-deps --no-compile --target /opt/fa4site .fa4b/*.whl \
-        && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz && status+=("fa4-install: done")
+      $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /opt/fa4site .fa4b/*.whl \
+        && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz \
+        && PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages $python -c "import flash_attn.cute" \
+        && status+=("fa4-install: done") || status+=("fa4-install: FAILED")
       export PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages:src ;;
     *) echo "unknown stage $stage; see the header of $0"; exit 2 ;;
   esac
@@ -71,6 +74,9 @@ if [ -s "$PACKVIT_GPU_REPORT" ]; then
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if "tokens" not in r:  # the other checks' figures
+        print(json.dumps(r))
+        continue
     t, first, pooled = r["tokens"], r["first_token"], r["pooled"]
     pooled_text = f"pooled cos min {pooled['min_cosine']:.6f} max|d| {pooled['max_diff']:.2e}" if pooled else "no pooled"
     print(f"{r['family']:9s} {r['workload']:6s} {r['dtype']:8s} items {r['items']:4d}  tokens: max|d| {t['max_diff']:.2e} "

@@ -456,3 +456,110 @@ def test_namespace_flash_attn_from_fa4_alone_is_not_fa2(monkeypatch, fresh_cache
         torch.device("cuda", 0), torch.bfloat16, 64, module="flash_attn", attribute="flash_attn_varlen_func"
     )
     assert reason == "flash_attn has no flash_attn_varlen_func: the package that provides it is not installed"
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashAttention 4's backward: measured per head_dim, zero-padded where it is wrong
+
+
+class DefectiveFA4Attention(torch.autograd.Function):
+    """Attention whose backward has flash-attn-4 4.0.0b36's sm90 defects: dQ wrong where head_dim
+    is not a multiple of 32, no backward at all at head_dim 104; the forward and dK, dV right."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, scale):
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.scale = scale
+        return attention._run_reference(q, k, v, cu, cu, None, None, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu = ctx.saved_tensors
+        head_dim = q.shape[-1]
+        if head_dim == 104:
+            raise RuntimeError("failed to partition `input`")
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attention._run_reference(*leaves, cu, cu, None, None, ctx.scale)
+            dq, dk, dv = torch.autograd.grad(out, leaves, grad)
+        if head_dim % 32:
+            dq = dq + dq.flip(0)  # the unwritten accumulator tail read back into dQ
+        return dq, dk, dv, None, None
+
+
+def defective_fa4_module(monkeypatch):
+    """A stand-in ``flash_attn.cute`` with the defective backward; records the head_dim of each call."""
+    head_dims = []
+
+    def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                               max_seqlen_k=None, softmax_scale=None, causal=False, return_lse=False):
+        head_dims.append(q.shape[-1])
+        return DefectiveFA4Attention.apply(q, k, v, cu_seqlens_q, softmax_scale), None
+
+    module = types.ModuleType("flash_attn.cute")
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", module)
+    REAL_FA4_PLAN.cache_clear()
+    return head_dims
+
+
+REAL_FA4_PLAN = attention._fa4_backward_plan
+
+
+@pytest.fixture
+def fresh_fa4_plan():
+    REAL_FA4_PLAN.cache_clear()
+    yield
+    REAL_FA4_PLAN.cache_clear()
+
+
+def test_fa4_probe_finds_the_wrong_and_the_failing_backward(monkeypatch, fresh_fa4_plan):
+    defective_fa4_module(monkeypatch)
+    cpu = torch.device("cpu")
+    for right in (64, 96, 128):
+        assert attention.fa4_probe(cpu, torch.float32, right) is None
+    assert "is wrong on this GPU (dq relative error" in attention.fa4_probe(cpu, torch.float32, 72)
+    assert "fails (RuntimeError: failed to partition `input`)" in attention.fa4_probe(cpu, torch.float32, 104)
+    assert attention.fa4_backward_head_dim(cpu, torch.float32, 64) == (64, "backward right at head_dim 64")
+    for head_dim, padded in ((72, 96), (80, 96), (104, 128)):
+        run_at, findings = attention.fa4_backward_head_dim(cpu, torch.float32, head_dim)
+        assert run_at == padded and f"zero-padded to head_dim {padded}" in findings
+
+
+@pytest.mark.parametrize("head_dim", [72, 104])
+def test_fa4_gradients_are_right_at_every_head_dim(monkeypatch, fresh_fa4_plan, head_dim):
+    """With the defective kernel, packvit's fa4 call still gives exact gradients (zero-padded q, k, v,
+    the real head_dim's softmax scale), and inference keeps the native head_dim."""
+    head_dims = defective_fa4_module(monkeypatch)
+    lengths = [5, 1, 40, 9]
+    layout = SegmentLayout.from_lengths(lengths)
+    cu = layout.cu_seqlens_host
+    generator = torch.Generator().manual_seed(head_dim)
+    q, k, v, upstream = (torch.randn(layout.total, 3, head_dim, generator=generator) for _ in range(4))
+
+    def run(call):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = call(*leaves, cu, cu, layout.max_seqlen, layout.max_seqlen, None)
+        return [out, *torch.autograd.grad((out * upstream).sum(), leaves)]
+
+    got, expected = run(attention._run_fa4), run(attention._run_reference)
+    padded = 96 if head_dim == 72 else 128
+    assert head_dims[-1] == padded
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5, label
+    with torch.no_grad():
+        out = attention._run_fa4(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, None)
+    assert head_dims[-1] == head_dim and (out - expected[0]).abs().max() <= 1e-5
+
+
+def test_fa4_that_no_padding_makes_right_is_refused_for_gradients(monkeypatch, fresh_caches, fresh_fa4_plan):
+    defective_fa4_module(monkeypatch)
+    fake_hopper(monkeypatch)
+    broken = "its backward at head_dim 72 is wrong on this GPU (dq relative error 1.0 against float32 attention)"
+    monkeypatch.setattr(attention, "_fa4_backward_plan", lambda device, dtype, head_dim: (None, broken))
+    gpu = torch.device("cuda", 0)
+    assert select_backend(gpu, torch.bfloat16, 72) == "fa4"  # inference: the forward is right
+    assert select_backend(gpu, torch.bfloat16, 72, backward=True) == "fa3"  # the next backend whose backward is right
+    with pytest.raises(ValueError, match=r"'fa4' cannot take gradients on cuda torch.bfloat16 head_dim 72: its backward"):
+        select_backend(gpu, torch.bfloat16, 72, backend="fa4", backward=True)

@@ -4,6 +4,9 @@ float32 on CUDA; offsets given on the host."""
 
 import dataclasses
 import importlib
+import importlib.metadata
+import json
+import os
 
 import pytest
 import torch
@@ -56,8 +59,7 @@ def test_backend_matches_reference_bf16(name, head_dim, queries):
     upstream = torch.randn(q.shape, device="cuda")
     got = forward_backward(name, q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), upstream, uniform)
     ref = forward_backward("reference", q.float(), k.float(), v.float(), cu_q, cu_k, max(lengths_q), max(lengths_k), upstream)
-    labels = ("out", "dq", "dk", "dv") if BACKENDS[name].has_backward else ("out",)
-    for label, a, b in zip(labels, got, ref):
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         assert relative_error(a, b) <= 1e-2, f"{name} {label} hd {head_dim}: {relative_error(a, b):.2e}"
 
 
@@ -155,7 +157,7 @@ def fa4_pass(lengths, head_dim=72, seed=0):
     return out
 
 
-@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("head_dim", [64, 72, 80, 104, 128])
 def test_fa4_forward_and_backward_match_reference(head_dim):
     skip_without_fa4(head_dim)
     longest = max(FA4_LENGTHS)
@@ -171,6 +173,57 @@ def test_fa4_forward_and_backward_match_reference(head_dim):
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         error = relative_error(got[0][start:end], ref[0][start:end])
         assert error <= 1e-2, f"fa4 out hd {head_dim} segment {i} ({end - start} tokens): {error:.2e}"
+
+
+def report(record: dict) -> None:
+    print("FIGURES", json.dumps(record))
+    path = os.environ.get("PACKVIT_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def test_fa4_backward_probe_on_this_gpu():
+    """The probe's verdict per head_dim, and that gradient calls run where the probe found them right:
+    64 and 128 native, 72 (SigLIP2 so400m), 80 and 104 zero-padded or native as measured."""
+    skip_without_fa4(72)
+    verdicts = {}
+    for head_dim in (64, 72, 80, 96, 104, 128):
+        run_at, findings = attention.fa4_backward_head_dim("cuda", torch.bfloat16, head_dim)
+        verdicts[head_dim] = {"runs_at": run_at, "findings": findings}
+        assert run_at in (head_dim, -(-head_dim // 32) * 32), (head_dim, findings)
+    report({"check": "fa4_backward_probe", "version": importlib.metadata.version("flash-attn-4"),
+            "gpu": torch.cuda.get_device_name(), "verdicts": verdicts})
+    assert verdicts[64]["runs_at"] == 64 and verdicts[128]["runs_at"] == 128
+
+
+def test_fa4_training_attention_is_the_fastest_right_one():
+    """At head_dim 72 a call that takes a gradient runs the fastest right kernel: FA4 (zero-padded
+    where its own backward is wrong) against torch's varlen FA2, forward + backward on `mixed`-like packs."""
+    skip_without_fa4(72)
+    lengths = [64, 1024, 256, 729, 100, 900, 400, 1024] * 8
+    layout = SegmentLayout.from_lengths(lengths)
+    q, k, v, cu, _ = inputs(lengths, lengths, 72, torch.bfloat16, seed=7)
+    upstream = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def seconds(backend, repeats=10):
+        step = lambda: forward_backward(backend, q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, upstream)
+        step(), step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats / 1e3
+
+    timings = {name: seconds(name) for name in ("fa4", "torch_varlen") if available(name, torch.bfloat16, 72)}
+    chosen = select_backend("cuda", torch.bfloat16, 72, backward=True)
+    flops = 3.5 * 4 * sum(n * n for n in lengths) * 4 * 72  # forward 4·n²·hd per head, backward 2.5x
+    report({"check": "fa4_training_attention", "head_dim": 72, "chosen": chosen,
+            "seconds": timings, "tflops": {name: flops / t / 1e12 for name, t in timings.items()},
+            "fa4_runs_at": attention.fa4_backward_head_dim("cuda", torch.bfloat16, 72)[0]})
+    assert chosen == min(timings, key=timings.get), timings
 
 
 def test_fa4_forward_and_backward_make_no_host_sync():

@@ -61,6 +61,8 @@ __all__ = [
     "varlen_attention",
     "select_backend",
     "backend_report",
+    "fa4_probe",
+    "fa4_backward_head_dim",
 ]
 
 ENV_VAR = "PACKVIT_ATTENTION"
@@ -76,14 +78,16 @@ class AttentionBackend:
     """A varlen kernel and the conditions under which it runs.
 
     ``why_not(device, dtype, head_dim)`` returns ``None`` when the kernel can run, else a sentence
-    saying why not; ``run(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` returns ``[total_q, H, hd]``.
+    saying why not; ``backward_why_not`` the same for a call whose gradient will be taken (asked
+    only where ``why_not`` is ``None``); ``run(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` returns
+    ``[total_q, H, hd]``.
     """
 
     name: str
     description: str
     why_not: Callable[[torch.device, torch.dtype, int], str | None]
     run: Callable[..., torch.Tensor]
-    has_backward: bool = True
+    backward_why_not: Callable[[torch.device, torch.dtype, int], str | None] = lambda device, dtype, head_dim: None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def _fa4_why_not(device, dtype, head_dim):
     return None
 
 
-def _run_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def _call_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     from flash_attn.cute import flash_attn_varlen_func
 
     # What flash-attn-4 4.0.0b36 (flash_attn/cute/interface.py) does with this call:
@@ -211,6 +215,110 @@ def _run_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         softmax_scale=scale, causal=False,
     )
     return out[0] if isinstance(out, tuple) else out
+
+
+# FA4's backward is not right at every head_dim it runs forward: on sm90, flash-attn-4 4.0.0b36
+# rounds the backward's tile head_dim to a multiple of 16 but allocates the dQ accumulator rounded
+# to 32, so at 72 or 80 dQ comes back wrong without an error (relative error 1.3 on an H200), and
+# at 104 the backward does not compile. Which head dims are right is measured, not assumed: the
+# first call that needs a gradient at a head_dim runs a small probe of FA4's forward and backward
+# against float32 attention on that GPU (once per process; it compiles the kernels and reads the
+# result back, the one host sync of this path). Where the probe fails, q, k and v are zero-padded
+# to the next multiple of FA4_BACKWARD_HEAD_DIM_MULTIPLE channels for calls that take a gradient:
+# zero channels change no score, the softmax scale stays that of the real head_dim, and the output
+# is sliced back. Inference (no gradient) always runs the native head_dim.
+
+#: where FA4's backward is wrong at a head_dim, gradient calls run it at the next multiple of this
+FA4_BACKWARD_HEAD_DIM_MULTIPLE = 32
+#: largest relative error of the probe's output and gradients against float32 that counts as right
+FA4_PROBE_TOLERANCE = 5e-2
+#: the probe's packs: segments longer than one backward tile (the general kernels), and all within one
+FA4_PROBE_LENGTHS = ((300, 77, 1), (17, 64, 2))
+
+
+def fa4_probe(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """``None`` when FA4's forward and backward at ``head_dim`` match float32 attention on ``device``,
+    else what is wrong (the largest relative error, or the failure). Compiles kernels and syncs."""
+    from .metrics import relative_error
+
+    generator = torch.Generator(device=device).manual_seed(head_dim)
+    errors = {}
+    for lengths in FA4_PROBE_LENGTHS:
+        layout = SegmentLayout.from_lengths(lengths)
+        cu = layout.cu_seqlens(device)
+        # [T, 2 heads, hd] each, rounded to dtype once so that both sides see the same values
+        q, k, v, upstream = (torch.randn(layout.total, 2, head_dim, device=device, generator=generator).to(dtype).float()
+                             for _ in range(4))
+        results = []
+        for leaves, run in (([t.to(dtype).requires_grad_() for t in (q, k, v)], _call_fa4),
+                            ([t.clone().requires_grad_() for t in (q, k, v)], _run_reference)):
+            try:
+                out = run(*leaves, cu, cu, layout.max_seqlen, layout.max_seqlen, None)
+                results.append([out, *torch.autograd.grad((out.float() * upstream).sum(), leaves)])
+            except Exception as error:  # the kernel compiler's errors have no common type
+                reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                return f"its backward at head_dim {head_dim} fails ({reason})"
+        for label, got, expected in zip(("out", "dq", "dk", "dv"), *results):
+            errors[label] = max(errors.get(label, 0.0), relative_error(got, expected))
+    wrong = {label: error for label, error in errors.items() if not error <= FA4_PROBE_TOLERANCE}
+    if wrong:
+        found = ", ".join(f"{label} relative error {error:.2g}" for label, error in wrong.items())
+        return f"its backward at head_dim {head_dim} is wrong on this GPU ({found} against float32 attention)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _fa4_backward_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[int | None, str]:
+    """``(head_dim FA4 runs calls that take a gradient at, or None where none is right; findings)``."""
+    on_cuda = device.type == "cuda"
+    mode = torch.cuda.get_sync_debug_mode() if on_cuda else 0
+    if on_cuda:
+        torch.cuda.set_sync_debug_mode(0)  # the probe reads its errors back once
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            native = fa4_probe(device, dtype, head_dim)
+            if native is None:
+                return head_dim, f"backward right at head_dim {head_dim}"
+            padded = -(-head_dim // FA4_BACKWARD_HEAD_DIM_MULTIPLE) * FA4_BACKWARD_HEAD_DIM_MULTIPLE
+            if padded == head_dim or padded > 256:
+                return None, native
+            reason = fa4_probe(device, dtype, padded)
+            if reason is None:
+                return padded, f"{native}; gradient calls run it zero-padded to head_dim {padded}"
+            return None, f"{native}, and {reason}"
+    finally:
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+def fa4_backward_head_dim(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> tuple[int | None, str]:
+    """The head_dim at which ``fa4`` runs a call that takes a gradient (``head_dim`` itself where
+    FA4's backward is right there, else the zero-padded one; ``None`` where neither is right) and
+    the probe's findings, measured once per process and GPU."""
+    return _fa4_backward_plan(_device(device), dtype, int(head_dim))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _fa4_backward_why_not(device, dtype, head_dim):
+    if _capturing(device):
+        return "its backward is checked by a probe that cannot run while a CUDA graph is being captured"
+    run_at, findings = _fa4_backward_plan(device, dtype, head_dim)
+    return None if run_at is not None else findings
+
+
+def _run_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    head_dim = q.shape[-1]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        run_at, _ = _fa4_backward_plan(q.device, q.dtype, head_dim)
+        if run_at != head_dim:
+            # [T, H, hd] → [T, H, run_at] with zero channels, and the output back to [T, H, hd]
+            q, k, v = (F.pad(t, (0, run_at - head_dim)) for t in (q, k, v))
+            scale = head_dim**-0.5 if scale is None else scale
+            return _call_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale)[..., :head_dim]
+    return _call_fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,7 +421,7 @@ BACKENDS: dict[str, AttentionBackend] = {
         AttentionBackend(
             "fa4", "FlashAttention 4 (flash_attn.cute, Hopper/Blackwell; compiles on first use: "
             "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 keeps the kernels on disk)",
-            _fa4_why_not, _run_fa4,
+            _fa4_why_not, _run_fa4, _fa4_backward_why_not,
         ),
         AttentionBackend(
             "fa3", "FlashAttention 3 (flash_attn_interface, Hopper)",
@@ -402,44 +510,60 @@ def _requested_backend(backend: str | None) -> str | None:
     return name
 
 
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, backward: bool) -> str | None:
+    backend = BACKENDS[name]
+    reason = backend.why_not(device, dtype, head_dim)
+    if reason is None and backward:
+        reason = backend.backward_why_not(device, dtype, head_dim)
+    return reason
+
+
 @functools.lru_cache(maxsize=None)
-def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, uniform: bool = False) -> str:
-    if uniform and dtype in HALF_DTYPES and BACKENDS["dense_sdpa"].why_not(device, dtype, head_dim) is None:
+def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int, uniform: bool, backward: bool) -> str:
+    if uniform and dtype in HALF_DTYPES and _why_not("dense_sdpa", device, dtype, head_dim, backward) is None:
         return "dense_sdpa"
-    for name, backend in BACKENDS.items():
-        if name != "dense_sdpa" and backend.why_not(device, dtype, head_dim) is None:
+    for name in BACKENDS:
+        if name != "dense_sdpa" and _why_not(name, device, dtype, head_dim, backward) is None:
             return name
     raise AssertionError("the reference backend runs everywhere")
 
 
-def _select(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, uniform: bool) -> str:
+def _select(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, uniform: bool,
+            backward: bool) -> str:
     name = _requested_backend(backend)
     if name is None:
-        return _auto_backend(device, dtype, head_dim, uniform)
+        if backward and _capturing(device):
+            return _auto_backend.__wrapped__(device, dtype, head_dim, uniform, backward)  # never cache this case
+        return _auto_backend(device, dtype, head_dim, uniform, backward)
     if name == "dense_sdpa" and not uniform:
         raise ValueError(
             "attention backend 'dense_sdpa' needs segments of one length (pass uniform_seqlen); "
             "choose a varlen backend for segments of different lengths"
         )
     reason = BACKENDS[name].why_not(device, dtype, head_dim)
+    action = "run"
+    if reason is None and backward:
+        reason, action = BACKENDS[name].backward_why_not(device, dtype, head_dim), "take gradients"
     if reason:
         raise ValueError(
-            f"attention backend {name!r} cannot run on {device.type} {dtype} head_dim {head_dim}: {reason}"
+            f"attention backend {name!r} cannot {action} on {device.type} {dtype} head_dim {head_dim}: {reason}"
         )
     return name
 
 
 def select_backend(
-    device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None, uniform: bool = False
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None, uniform: bool = False,
+    backward: bool = False,
 ) -> str:
     """The backend ``varlen_attention`` uses for these inputs (argument, then environment, then auto).
 
     ``uniform``: every query and key segment has the same length, so the dense kernels qualify.
+    ``backward``: the call's gradient will be taken, so the backend's backward must be right too.
     Raises ``ValueError`` for a dtype that is not floating point or a head_dim that is not a
     positive integer, and for a named backend that cannot run here.
     """
     _check_format(dtype, head_dim)
-    return _select(_device(device), dtype, int(head_dim), backend, uniform)
+    return _select(_device(device), dtype, int(head_dim), backend, uniform, backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,7 +706,8 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ba
     uniform = uniform_seqlen is not None
     if uniform:
         _check_uniform(uniform_seqlen, cu_q.shape[0] - 1, q.shape[0], k.shape[0], max_q)
-    return _select(q.device, q.dtype, q.shape[2], backend, uniform), cu_q, cu_k, max_q, max_k
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return _select(q.device, q.dtype, q.shape[2], backend, uniform, backward), cu_q, cu_k, max_q, max_k
 
 
 def varlen_attention(
