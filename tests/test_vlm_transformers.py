@@ -392,8 +392,9 @@ def test_real_processor_inputs_match_and_give_the_same_logits(checkpoint):
     the VLM's logits on it agree with the packed tower, float32 on the GPU."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     processor = _real_image_processor()
-    real = processor(images=photos(), return_tensors="pt")
-    ours = lfm2_vl_images(photos(), min_image_tokens=64, max_image_tokens=256)
+    rgb = [to_rgb_uint8(photo, "torch").permute(1, 2, 0).numpy() for photo in photos()]  # [H, W, 3] uint8 each
+    real = processor(images=rgb, return_tensors="pt")
+    ours = lfm2_vl_images(rgb, min_image_tokens=64, max_image_tokens=256)
     assert torch.equal(real["spatial_shapes"], ours["spatial_shapes"])
     assert torch.equal(real["pixel_attention_mask"].int(), ours["pixel_attention_mask"])
     assert (real["pixel_values"] - ours["pixel_values"]).abs().max() <= 1 / 127.5 + 1e-6  # one uint8 level at most

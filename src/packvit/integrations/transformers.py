@@ -114,13 +114,13 @@ class PackedSiglip2VisionModel(nn.Module):
     original tower's configuration.
     """
 
-    def __init__(self, model: Siglip2NaflexPacking, original: nn.Module, prefix: str):
+    def __init__(self, model: Siglip2NaflexPacking, original: nn.Module, transformers_prefix: str):
         super().__init__()
         self.model = model
         self.config = original.config
         # transformers' tower, kept outside the module tree (its parameters are not this module's)
         self.__dict__["original"] = original
-        self.prefix = prefix
+        self.transformers_prefix = transformers_prefix  # "vision_model." in transformers 4, else ""
         self.register_state_dict_post_hook(_state_dict_in_transformers_names)
         self.register_load_state_dict_pre_hook(_load_transformers_names)
 
@@ -131,6 +131,9 @@ class PackedSiglip2VisionModel(nn.Module):
         if not isinstance(tower, transformers.Siglip2VisionModel):
             raise ValueError(f"PackedSiglip2VisionModel replaces a transformers Siglip2VisionModel, got {type(tower).__name__}")
         config = tower.config
+        if any(parameter.is_meta for parameter in tower.parameters()):
+            raise ValueError("the tower's weights are not loaded (meta tensors: offloaded with a device_map, or never "
+                             "loaded); load the VLM onto one device before replacing its tower")
         if getattr(config, "attention_dropout", 0.0):
             raise ValueError(
                 f"the tower's config has attention_dropout={config.attention_dropout}, and packvit's blocks have no "
@@ -144,19 +147,21 @@ class PackedSiglip2VisionModel(nn.Module):
             with torch.device("meta"):
                 model = Siglip2NaflexPacking(packed_config, device="meta")
             mapped = model.map_checkpoint(theirs)
-        flags = {key: theirs[key].requires_grad for key in theirs}
-        fused = {}
-        for i in range(packed_config.num_hidden_layers):
-            parts = [f"{prefix}encoder.layers.{i}.self_attn.{name}_proj.weight" for name in "qkv"]
-            if len({flags[part] for part in parts}) > 1:
+        flags = {key: parameter.requires_grad for key, parameter in theirs.items()}
+        own = {id(parameter) for parameter in theirs.values()}
+        mapped_flags = {}
+        for key, value in mapped.items():
+            if id(value) in own:  # one of the tower's parameters, taken as it is
+                mapped_flags[key] = value.requires_grad
+                continue
+            _, layer, _, _, leaf = key.split(".")  # blocks.{layer}.attn.qkv.{leaf}: q, k and v fused
+            parts = {flags[f"{prefix}encoder.layers.{layer}.self_attn.{name}_proj.{leaf}"] for name in "qkv"}
+            if len(parts) > 1:
                 raise ValueError(
-                    f"layer {i} of the tower trains some of q_proj, k_proj and v_proj and freezes the others; packvit "
-                    f"fuses them into one projection: freeze or train all three"
+                    f"layer {layer} of the tower trains some of q_proj, k_proj and v_proj's {leaf}s and freezes the "
+                    f"others; packvit fuses them into one projection: freeze or train all three"
                 )
-            for leaf in ("weight", "bias"):
-                fused[f"blocks.{i}.attn.qkv.{leaf}"] = flags[parts[0]]
-        identity = {id(parameter): key for key, parameter in theirs.items()}
-        mapped_flags = {key: fused[key] if key in fused else flags[identity[id(value)]] for key, value in mapped.items()}
+            mapped_flags[key] = parts.pop()
         if _transformers_names(mapped, prefix).keys() != theirs.keys():
             raise ValueError(
                 f"{type(tower).__name__}'s weights do not map one to one onto packvit's SigLIP2 in transformers "
@@ -176,9 +181,9 @@ class PackedSiglip2VisionModel(nn.Module):
         if self.is_restored:
             raise RuntimeError("this packed tower was already turned back into transformers' tower")
         ours = dict(self.model.named_parameters())
-        flags = {key: value.requires_grad for key, value in _transformers_names(ours, self.prefix).items()}
+        flags = {key: value.requires_grad for key, value in _transformers_names(ours, self.transformers_prefix).items()}
         with torch.no_grad():  # q, k and v: new leaf copies, not results of a graph
-            theirs = _transformers_names(ours, self.prefix, copy_parts=True)
+            theirs = _transformers_names(ours, self.transformers_prefix, copy_parts=True)
         _assign_parameters(self.original, theirs, flags)
         fused = {key: _placeholder(value) for key, value in ours.items() if ".attn.qkv." in key}
         _assign_parameters(self.model, {**ours, **fused}, {key: value.requires_grad for key, value in ours.items()})
@@ -217,7 +222,8 @@ class PackedSiglip2VisionModel(nn.Module):
         batch_size, max_patches = pixel_values.shape[:2]
         grid_thw, gather = self._pack_index(pixel_values, pixel_attention_mask, spatial_shapes)
         patches = pixel_values.reshape(batch_size * max_patches, -1).index_select(0, gather)  # [S, p*p*C]
-        out = self.model(PackedBatch(patches, grid_thw), output_hidden_states=output_hidden_states)
+        every_layer = list(range(self.model.num_hidden_layers + 1)) if output_hidden_states else None
+        out = self.model(PackedBatch(patches, grid_thw), hidden_layers=every_layer)
         scatter = gather if gather.device == out.last_hidden_state.device else gather.to(out.last_hidden_state.device)
 
         def padded(x: torch.Tensor) -> torch.Tensor:  # [S, D] → [B, N, D], zeros in the padding rows
@@ -279,7 +285,7 @@ def _state_dict_in_transformers_names(module: PackedSiglip2VisionModel, state_di
     copies of their parts of the fused projections, so that no two entries share memory)."""
     inner = prefix + "model."
     ours = {key[len(inner):]: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(inner)]}
-    for key, value in _transformers_names(ours, module.prefix, copy_parts=True).items():
+    for key, value in _transformers_names(ours, module.transformers_prefix, copy_parts=True).items():
         state_dict[prefix + key] = value
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from .._optional import require
-from ..align import positive_int
 from ..attention import select_backend
 from ..bench import _median_seconds, _peak_memory, workload_grids
 from ..harness.siglip2 import REFERENCE_SIZES
@@ -139,6 +138,8 @@ def run(args) -> dict:
     transformers = require("transformers", "align", "the LFM2-VL benchmark")
     if not hasattr(transformers, "Lfm2VlForConditionalGeneration"):
         raise SystemExit(f"transformers {transformers.__version__} has no LFM2-VL (4.57 or newer has it)")
+    if min(args.items, args.batch_size, args.repeats) < 1:
+        raise SystemExit("--items, --batch_size and --repeats must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("the full-size benchmark needs a CUDA device; --smoke runs tiny models anywhere")
@@ -155,8 +156,8 @@ def run(args) -> dict:
     packed_backend = select_backend(device, dtype, vlm.config.vision_config.hidden_size // vlm.config.vision_config.num_attention_heads)
     restore_vision_tower(vlm)
     first = min(args.batch_size, len(grids))  # the images of the first batch
+    vlm.float()
     with torch.inference_mode():
-        vlm.float()
         float32 = _image_features(vlm, batches[0])
     results = {
         "workload": {
@@ -188,9 +189,9 @@ def run(args) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "vlm_bench"), help="directory for the JSON figures")
-    parser.add_argument("--items", type=positive_int, default=512, help="mixed images (BENCHMARKS.md: 512)")
-    parser.add_argument("--batch_size", type=positive_int, default=32, help="images per padded batch")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes (the median is reported)")
+    parser.add_argument("--items", type=int, default=512, help="mixed images (BENCHMARKS.md: 512)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per padded batch")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes (the median is reported)")
     parser.add_argument("--device", default=None, help="cuda (default where present) or cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny models, any device (a check that it runs)")
 
