@@ -19,8 +19,8 @@ Host synchronisation: the grid of each image must be known on the host to build 
 tower copies ``spatial_shapes`` and one agreement flag per image (the mask's ones are exactly the
 first ``h * w`` rows) to the host in one transfer: one synchronisation per call when they are on
 the GPU, none when they are on the host. transformers' tower synchronises once per image in 5.17
-(``spatial_shapes[i].tolist()`` in its position resize) and in 5.24+ at its checks and mask
-building; what the VLM does with the features after the tower is its own.
+(``spatial_shapes[i].tolist()`` in its position resize), and from 5.24 at least at its two
+``torch_compilable_check``s on device tensors; what the VLM does after its tower is its own.
 
 Weights: the packed tower's parameters are the VLM's, the same ``Parameter`` objects, dtype and
 device, except q, k and v of each block, which packvit fuses into one projection (moved there,
@@ -47,9 +47,10 @@ from ..checkpoint import rename
 from ..models.siglip2 import Siglip2NaflexConfig, Siglip2NaflexPacking
 from ..packing import PackedBatch, offsets_within_items, to_device
 
-__all__ = ["PackedSiglip2VisionModel", "use_packed_vision_tower", "restore_vision_tower", "find_vision_tower", "padded_inputs"]
+__all__ = ["TOWER_CLASSES", "PackedSiglip2VisionModel", "use_packed_vision_tower", "restore_vision_tower",
+           "find_vision_tower", "padded_inputs"]
 
-#: transformers' vision towers of packvit's families, and what the integration does with each
+#: transformers' vision towers of packvit's families (class name → family); only SigLIP2's is replaced
 TOWER_CLASSES = {"Siglip2VisionModel": "siglip2", "DINOv3ViTModel": "dinov3", "Aimv2VisionModel": "aimv2"}
 
 #: packvit's SigLIP2 names → transformers' (the inverse of ``Siglip2NaflexPacking.map_checkpoint``
@@ -219,8 +220,8 @@ class PackedSiglip2VisionModel(nn.Module):
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
         if return_dict is None:
             return_dict = bool(getattr(self.config, "return_dict", True))
-        batch_size, max_patches = pixel_values.shape[:2]
         grid_thw, gather = self._pack_index(pixel_values, pixel_attention_mask, spatial_shapes)
+        batch_size, max_patches = pixel_values.shape[:2]
         patches = pixel_values.reshape(batch_size * max_patches, -1).index_select(0, gather)  # [S, p*p*C]
         every_layer = list(range(self.model.num_hidden_layers + 1)) if output_hidden_states else None
         out = self.model(PackedBatch(patches, grid_thw), hidden_layers=every_layer)
