@@ -6,11 +6,13 @@ scratch folder that holds what the pages name: small random checkpoints under th
 pages use, in a Hugging Face cache with ``HF_HUB_OFFLINE=1`` (so a hub id takes packvit's real
 resolving path), photos from scikit-image as ``photos/*.jpg``, ``cat.jpg``, ``receipt.png`` and
 ``panorama.jpg``. A block fenced as ```` ```python gpu ```` or ```` ```bash gpu ```` runs only where
-CUDA is. The README's two set-up commands are the ones CI runs (``.ci/run``).
+CUDA is; one fenced with ``needs=module.name`` only where that name imports (a class that a
+transformers release lacks). The README's two set-up commands are the ones CI runs (``.ci/run``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -37,14 +39,29 @@ HUB_CHECKPOINTS = {
 COMMANDS = ("packvit", "python -m packvit", "torchrun")
 
 
+def importable(dotted: str) -> bool:
+    module, _, name = dotted.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def runs_here(info: str) -> bool:
+    """Whether a block with this fence info runs on this machine (``gpu``, ``needs=module.name``)."""
+    words = info.split()
+    needs = [word.removeprefix("needs=") for word in words if word.startswith("needs=")]
+    return ("gpu" not in words or torch.cuda.is_available()) and all(importable(name) for name in needs)
+
+
 def snippets(page: Path) -> list[tuple[str, bool, str, int]]:
-    """``(language, gpu_only, code, first line)`` of every python and bash block of a page."""
+    """``(language, runs here, code, first line)`` of every python and bash block of a page."""
     text = page.read_text()
     found = []
     for match in FENCE.finditer(text):
         language, info, code = match.group(1) or "", match.group(2), match.group(3)
         if language in ("python", "bash"):
-            found.append((language, "gpu" in info.split(), code, text[: match.start()].count("\n") + 1))
+            found.append((language, runs_here(info), code, text[: match.start()].count("\n") + 1))
     return found
 
 
@@ -71,6 +88,13 @@ def scratch(tmp_path_factory):
         snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
         written = get_adapter(family).write_random_checkpoint(root / family, "tiny", seed=0, **options)
         shutil.copytree(written, snapshot)
+        (snapshot.parents[1] / "refs").mkdir(parents=True, exist_ok=True)
+        (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    if importable("transformers.Lfm2VlForConditionalGeneration"):
+        from packvit.integrations.transformers_bench import build_lfm2_vl
+
+        snapshot = cache / "models--LiquidAI--LFM2-VL-450M" / "snapshots" / ("0" * 40)
+        build_lfm2_vl("smoke", torch.device("cpu"), torch.float32).save_pretrained(snapshot)
         (snapshot.parents[1] / "refs").mkdir(parents=True, exist_ok=True)
         (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     work = root / "work"
@@ -107,7 +131,7 @@ def run(program: list[str], where: str, work: Path, env: dict) -> None:
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_snippet_of_the_page_runs(page, scratch, tmp_path):
     """Each page's python blocks in one fresh process (as a user runs them), then its commands."""
-    blocks = [block for block in snippets(page) if not block[1] or torch.cuda.is_available()]
+    blocks = [block for block in snippets(page) if block[1]]
     python = [(f"{page_id(page)}:{line}", code) for language, _, code, line in blocks if language == "python"]
     commands = [(f"{page_id(page)}:{line}", command) for language, _, code, line in blocks if language == "bash"
                 for command in command_lines(code) if command.startswith(COMMANDS)]
