@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .align import positive_int
+from .arguments import device as device_argument, output_folder, positive_int
 from .checkpoint import read_config_dict, resolve_checkpoint
 from .cuda_graphs import DEFAULT_BUDGETS, GraphedEncoder, select_budget
+from .attention import BACKENDS
 from .harness import FAMILIES, FamilyAdapter, get_adapter
 from .layers import GatedMlp, layers_compiled
 from .models.registry import model_class
@@ -592,12 +593,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video runs for llava_vit only; online: one call per item, p50/p90 latency")
     parser.add_argument("--token_budget", type=positive_int, default=32768, help="most tokens in one packvit pack")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="items per baseline batch")
-    parser.add_argument("--backend", help="attention backend for packvit (default: automatic)")
+    parser.add_argument("--backend", choices=BACKENDS, help="attention backend for packvit (default: automatic)")
+    parser.add_argument("--device", type=device_argument, help="cuda or cuda:N (cpu with --smoke; default: cuda when available)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed passes per figure (median reported; online: passes over its items)")
     parser.add_argument("--items", type=positive_int, help="items per workload (default: as BENCHMARKS.md defines)")
-    parser.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
-    parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
+    parser.add_argument("--out", type=output_folder, default="bench_out", help="directory for bench.json, bench.md and bench.png")
+    parser.add_argument("--ckpt_dir", type=output_folder, help="directory holding (or to hold) the random full-size checkpoints, reused across runs")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time packvit with compiled encoder layers (model.compile_layers = True)")
     parser.add_argument("--profile", action="store_true",
@@ -610,10 +612,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit(
-            "packvit bench measures full-size models and needs a CUDA GPU; on the CPU run "
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise ValueError(
+            "the inference benchmark measures full-size models and needs a CUDA GPU; on the CPU run "
             "`packvit bench --smoke` (tiny models, few items) to check that the harness works."
         )
     if args.smoke and args.items is None:

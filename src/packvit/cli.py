@@ -1,7 +1,8 @@
 """The ``packvit`` command: ``info``, ``align``, ``bench``, ``convert`` and ``embed``.
 
 Bad arguments and inputs end with ``packvit <command>: error: <what is wrong and how to fix it>``
-and exit status 2, without a traceback.
+and exit status 2, without a traceback, before any work: the argument checks of
+``packvit.arguments`` while the command line is parsed, then each command's own settings check.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from . import __version__, align
+from . import __version__, align, arguments
 from .attention import backend_report, select_backend
 from .layers import compiler_runs_on_cuda
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="versions, device and attention backends usable here")
-    info.add_argument("--head_dim", type=align.positive_int, nargs="+", default=[64, 72, 128])
+    info.add_argument("--head_dim", type=arguments.positive_int, nargs="+", default=[64, 72, 128])
     info.set_defaults(handler=_info)
 
     align_parser = commands.add_parser("align", help="parity of packed models against their references")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # an input or setting that cannot be used, a missing extra
         print(f"packvit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

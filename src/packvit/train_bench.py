@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .align import positive_int
-from .attention import select_backend
+from .arguments import device as device_argument, output_folder, positive_int
+from .attention import BACKENDS, select_backend
 from .bench import BENCH_SIZES, _median_seconds, _synchronize, _token_budget_chunks, workload_grids
 from .harness import get_adapter
 from .packing import PackedBatch, patchify
@@ -301,14 +301,15 @@ def main(argv=None) -> int:
     parser.add_argument("--token_budget", type=positive_int, default=32768, help="most tokens in one packvit pack")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="items per reference batch")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed passes per figure (median reported)")
-    parser.add_argument("--backend", help="attention backend for packvit (default: automatic)")
-    parser.add_argument("--out", default="train_bench_out", help="directory for train_bench.json and train_bench.md")
-    parser.add_argument("--ckpt_dir", help="directory holding (or to hold) the random checkpoints, reused across runs")
+    parser.add_argument("--backend", choices=BACKENDS, help="attention backend for packvit (default: automatic)")
+    parser.add_argument("--device", type=device_argument, help="cuda or cuda:N (cpu with --smoke; default: cuda when available)")
+    parser.add_argument("--out", type=output_folder, default="train_bench_out", help="directory for train_bench.json and train_bench.md")
+    parser.add_argument("--ckpt_dir", type=output_folder, help="directory holding (or to hold) the random checkpoints, reused across runs")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few items, float32: a check that runs on the CPU")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        raise SystemExit("the training benchmark measures full-size models and needs a CUDA GPU; on the CPU run "
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("the training benchmark measures full-size models and needs a CUDA GPU; on the CPU run "
                          "`python -m packvit.train_bench --smoke` to check that it works")
     if args.items is None:
         args.items = 6 if args.smoke else WORKLOAD_ITEMS

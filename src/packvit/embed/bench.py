@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arguments import device as device_argument, output_folder, positive_int
+
 __all__ = ["SAMPLE_PHOTOS", "write_files", "add_arguments", "run", "main"]
 
 #: scikit-image's bundled photographs (no download needed)
@@ -295,25 +297,25 @@ def _table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .run import default_workers
 
-    parser.add_argument("--num_files", type=int, default=5000, help="JPEG files to write and embed")
+    parser.add_argument("--num_files", type=positive_int, default=5000, help="JPEG files to write and embed")
     parser.add_argument("--size", choices=("tiny", "full"), default="full", help="random SigLIP2: tiny, or full (so400m)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (both pipelines)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=device_argument, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--max_num_patches", type=int, default=256)
     parser.add_argument("--token_budget", type=int, default=32_768)
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward-only passes (median)")
-    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "packvit-bench-files"),
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed forward-only passes (median)")
+    parser.add_argument("--work_dir", type=output_folder, default=str(Path(tempfile.gettempdir()) / "packvit-bench-files"),
                         help="files, checkpoint and outputs (reused by later runs)")
-    parser.add_argument("--out", default="bench_out/files", help="where bench_files.json and bench_files.md go")
+    parser.add_argument("--out", type=output_folder, default="bench_files_out", help="where bench_files.json and bench_files.md go")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..harness import get_adapter
     from ..models.base import default_dtype
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.size == "full" and device.type != "cuda":
-        raise SystemExit("the full-size files benchmark needs a CUDA GPU; on the CPU run --size tiny with few --num_files")
+        raise ValueError("the full-size files benchmark needs a CUDA GPU; on the CPU run --size tiny with few --num_files")
     dtype = default_dtype(device)
     work, out = Path(args.work_dir).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +358,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m packvit.embed.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, ImportError) as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":
