@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from packvit.bench import workload_grids
+from packvit.benchmarks.workloads import workload_grids
 from packvit.metrics import compute_similarity_metrics
 from packvit.packing import PackedBatch
 from packvit.harness import FAMILIES, get_adapter

@@ -13,22 +13,31 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BadArgument", "positive_int", "device", "output_file", "output_folder", "input_folder"]
+__all__ = ["BadArgument", "positive_int", "non_negative_int", "device", "output_file", "output_folder", "input_folder"]
 
 
 class BadArgument(argparse.ArgumentTypeError, ValueError):
     """An argument that cannot be used; the message says why and what to pass instead."""
 
 
-def positive_int(text: str) -> int:
-    """A whole number of at least 1."""
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise BadArgument(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise BadArgument(f"must be at least 1, got {value}")
+    if value < least:
+        raise BadArgument(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0."""
+    return _whole_number(text, 0)
 
 
 def device(text: str) -> torch.device:

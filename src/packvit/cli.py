@@ -62,10 +62,23 @@ def _info(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from . import bench
+def _add_bench_parser(commands, argv) -> None:
+    """``packvit bench`` with the flags of the suite ``--suite`` names: each suite has its own (their
+    token budgets even count different tokens), so the suite is read from the command line first."""
+    from .benchmarks import SUITES, suite
 
-    return bench.run(args)
+    scan = argparse.ArgumentParser(add_help=False)
+    scan.add_argument("--suite", default="inference")
+    chosen = scan.parse_known_args(sys.argv[1:] if argv is None else argv)[0].suite
+    module = suite(chosen if chosen in SUITES else "inference")
+    parser = commands.add_parser("bench", help="speed and memory against the references (docs/benchmarks.md)",
+                                 description=module.__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=SUITES, default="inference",
+                        help="inference (default): forward throughput, memory and latency; training: forward + "
+                             "backward; files: packvit embed end to end on JPEG files. Each suite has its own "
+                             "flags: `packvit bench --suite NAME --help` lists them")
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
 
 
 def main(argv=None) -> int:
@@ -81,11 +94,9 @@ def main(argv=None) -> int:
     align.add_arguments(align_parser)
     align_parser.set_defaults(handler=align.run)
 
-    from . import bench, convert
+    _add_bench_parser(commands, argv)
 
-    bench_parser = commands.add_parser("bench", help="speed and memory against the reference (BENCHMARKS.md)")
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(handler=_bench)
+    from . import convert
 
     convert.add_convert_parser(commands)
 
