@@ -1,7 +1,7 @@
 """Full-size parity of every family on the GPU: bf16 against the bf16 reference, float32 through
 the reference attention path against the float32 reference, and a forward free of host syncs.
 
-Random weights at the real sizes, the ``mixed`` items of BENCHMARKS.md (and the ``video`` clips
+Random weights at the real sizes, the ``mixed`` items of docs/benchmarks.md (and the ``video`` clips
 for OneVision). Each test appends its figures as a JSON line to ``$PACKVIT_GPU_REPORT`` if set.
 """
 

@@ -165,7 +165,7 @@ class AlignSettings:
                 raise ValueError(f"--ckpt {args.ckpt} is one {family} checkpoint; name {family} alone with it "
                                  f"(or no family), not {', '.join(families)}")
             families = (family,)
-        device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = arguments.device_or_default(args.device)
         return cls(families=families or FAMILIES, device=device, checkpoint=checkpoint, size=args.size or "tiny",
                    batch_size=args.batch_size, image_sizes=tuple(args.image_size or ()), threshold=args.threshold,
                    cosine_threshold=args.cosine_threshold, photographs=_photographs(args.image_dir, args.use_real_images),

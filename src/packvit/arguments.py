@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BadArgument", "positive_int", "non_negative_int", "device", "output_file", "output_folder", "input_folder"]
+__all__ = ["BadArgument", "positive_int", "non_negative_int", "device", "device_or_default", "output_file", "output_folder", "input_folder"]
 
 
 class BadArgument(argparse.ArgumentTypeError, ValueError):
@@ -61,6 +61,11 @@ def device(text: str) -> torch.device:
     if backend is not None and callable(getattr(backend, "is_available", None)) and backend.is_available():
         return parsed
     raise BadArgument(f"{text}: no {parsed.type} device is available to this torch; use cpu or cuda")
+
+
+def device_or_default(given: torch.device | None) -> torch.device:
+    """The ``--device`` given, else ``cuda`` when a CUDA device is available, else ``cpu``."""
+    return given if given is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _writable_folder(folder: Path, what: str) -> None:

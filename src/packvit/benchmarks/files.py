@@ -68,7 +68,7 @@ class FilesSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FilesSettings:
-        device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = arguments.device_or_default(args.device)
         if args.size == "full":
             require_cuda(device, "files", "on the CPU run --size tiny with few --num_files")
         return cls(device=device, workers=args.workers, work_dir=args.work_dir.resolve(), out=args.out,

@@ -80,7 +80,7 @@ class InferenceSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> InferenceSettings:
-        device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = arguments.device_or_default(args.device)
         if not args.smoke:
             require_cuda(device, "inference", "on the CPU run `packvit bench --smoke` (tiny models, few items) to "
                                               "check that the suite works")

@@ -81,7 +81,7 @@ class TrainingSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainingSettings:
-        device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = arguments.device_or_default(args.device)
         if not args.smoke:
             require_cuda(device, "training", "on the CPU run `packvit bench --suite training --smoke` to check that "
                                              "the suite works")
