@@ -439,8 +439,7 @@ class _PackedRuns:
         def graphed_call(item):
             return graphed(self.adapter.pack([item], model))
 
-        with torch.inference_mode():
-            graphs = latency_percentiles(call_latencies_ms(graphed_call, items, device, self.settings.repeats))
+        graphs = latency_percentiles(call_latencies_ms(graphed_call, items, device, self.settings.repeats))
         result.graphs_p50_ms, result.graphs_p90_ms = graphs
         result.graphs_budgets = list(graphed.budgets)
         result.graphs_fallback_items = sum(
