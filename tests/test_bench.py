@@ -5,7 +5,10 @@ import math
 import pytest
 
 from packvit import cli
-from packvit.bench import _naflex_grid, _token_budget_chunks, forward_flops, kernel_category, latency_percentiles, workload_grids
+from packvit.benchmarks import common
+from packvit.benchmarks.common import group_by_budget, latency_percentiles
+from packvit.benchmarks.inference import forward_flops, kernel_category
+from packvit.benchmarks.workloads import naflex_grid, workload_grids
 from packvit.harness import get_adapter
 from packvit.models import base
 from family_helpers import require_references
@@ -41,16 +44,16 @@ def test_latency_percentiles_interpolate():
 
 def test_naflex_grid_is_the_largest_under_the_cap():
     for aspect, cap in [(1.0, 256), (3.0, 1024), (1 / 3, 64), (1.7, 500)]:
-        h, w = _naflex_grid(aspect, cap)
+        h, w = naflex_grid(aspect, cap)
         assert h * w <= cap
         assert (h + 1) * max(1, int((h + 1) * aspect)) > cap  # one step larger at that aspect breaks the cap
         assert abs(math.log((w / h) / aspect)) < 0.5
 
 
 def test_token_budget_chunks_keep_order_and_budget():
-    chunks = _token_budget_chunks(list("abcdef"), [10, 20, 30, 5, 40, 1], 45)
+    chunks = group_by_budget(list("abcdef"), [10, 20, 30, 5, 40, 1], 45)
     assert chunks == [["a", "b"], ["c", "d"], ["e", "f"]]
-    assert _token_budget_chunks(["big"], [100], 45) == [["big"]]
+    assert group_by_budget(["big"], [100], 45) == [["big"]]
 
 
 def test_forward_flops_counts_projections_mlp_attention_and_patch_embedding():
@@ -143,3 +146,65 @@ def test_bench_times_every_baseline_before_packvit_and_reports_online_latency(tm
     table = (out / "bench.md").read_text()
     assert "| siglip2 (tiny) | 3 |" in table.split("Online:")[1]
     assert "skipped: CUDA graphs need a CUDA device" in table
+
+
+def test_bench_leaves_the_model_in_its_modes_and_writes_after_each_family(tmp_path, monkeypatch):
+    """Every timed block sets its modes with model.runtime, so the model ends in the modes it was
+    loaded with; the report is rewritten after each family, so a run that stops keeps its figures."""
+    require_references("aimv2")
+    from packvit.benchmarks import inference
+
+    loaded = {}
+    for family in ("llava_vit", "aimv2"):
+        adapter = get_adapter(family)
+
+        def recording_load_packed(ckpt, device, dtype, load_packed=adapter.load_packed, family=family):
+            loaded[family] = load_packed(ckpt, device, dtype)
+            return loaded[family]
+
+        monkeypatch.setattr(adapter, "load_packed", recording_load_packed)
+    bench_family = inference.bench_family
+
+    def stopping_after_llava_vit(plan, *args):
+        figures = bench_family(plan, *args)
+        if plan.family == "aimv2":
+            raise KeyboardInterrupt("stopped")
+        return figures
+
+    monkeypatch.setattr(inference, "bench_family", stopping_after_llava_vit)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--smoke", "--models", "llava_vit", "aimv2", "--workloads", "mixed", "online", "--items", "2",
+                  "--repeats", "1", "--profile", "--no-compile", "--backend", "reference", "--out", str(out)])
+    model = loaded["llava_vit"]
+    assert (model.compile_layers, model.attention_backend, model.gradient_checkpointing) == (None, None, False)
+    report = json.loads((out / "bench.json").read_text())
+    assert [(r["model"], r["workload"]) for r in report["results"]] == [("llava_vit", "mixed")]
+    assert [r["model"] for r in report["online"]] == ["llava_vit"]
+    environment = report["environment"]
+    assert environment["attention_backend"] == "reference" and environment["sequence_token_budget"] == 32768
+    assert set(common.environment(__import__("torch").device("cpu"))) <= set(environment)
+
+
+def test_a_forced_attention_backend_that_cannot_run_is_refused_before_any_baseline(tmp_path, capsys, monkeypatch):
+    events = []
+    adapter = get_adapter("llava_vit")
+    monkeypatch.setattr(adapter, "load_reference", lambda *args: events.append("reference"))
+    code = cli.main(["bench", "--smoke", "--models", "llava_vit", "--workloads", "mixed", "--backend", "fa3",
+                     "--ckpt_dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert code == 2 and events == []
+    assert "packvit bench: error: attention backend 'fa3' cannot run on cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shim, suite_flag", [("packvit.train_bench", "--models {siglip2,dinov3}"),
+                                               ("packvit.embed.bench", "--num_files NUM_FILES")])
+def test_old_benchmark_entry_points_run_their_suites(shim, suite_flag, monkeypatch, capsys):
+    """``python -m packvit.train_bench`` and ``python -m packvit.embed.bench`` are their suites of ``packvit bench``."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [shim, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(shim, run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: packvit bench")
+    assert suite_flag in " ".join(out.split())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from packvit.bench import workload_grids
+from packvit.benchmarks.workloads import workload_grids
 from packvit.cuda_graphs import DEFAULT_BUDGETS, GraphedEncoder, select_budget
 from packvit.harness import FAMILIES, get_adapter
 from packvit.packing import PackedBatch

@@ -1,4 +1,4 @@
-"""The ``files`` benchmark (``python -m packvit.embed.bench``) with a tiny model on a few files."""
+"""The ``files`` benchmark (``packvit bench --suite files``) with a tiny model on a few files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from packvit.embed.bench import SIDE_RANGE, main, write_files
+from packvit import cli
+from packvit.benchmarks.workloads import SIDE_RANGE, write_files
 
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
@@ -28,8 +29,8 @@ def test_files_are_deterministic_jpegs_in_the_size_range(tmp_path):
 
 
 def test_bench_reports_every_figure_and_the_pipelines_agree(tmp_path, capsys):
-    code = main(["--size", "tiny", "--num_files", "16", "--device", "cpu", "--workers", "1", "--repeats", "1",
-                 "--work_dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    code = cli.main(["bench", "--suite", "files", "--size", "tiny", "--num_files", "16", "--device", "cpu", "--workers", "1",
+                     "--repeats", "1", "--work_dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert code == 0
     result = json.loads((tmp_path / "out" / "bench_files.json").read_text())
     assert result["packvit"]["ok"] == 16 and result["packvit"]["failed"] == 0

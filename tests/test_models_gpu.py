@@ -1,7 +1,7 @@
 """Full-size parity of every family on the GPU: bf16 against the bf16 reference, float32 through
 the reference attention path against the float32 reference, and a forward free of host syncs.
 
-Random weights at the real sizes, the ``mixed`` items of BENCHMARKS.md (and the ``video`` clips
+Random weights at the real sizes, the ``mixed`` items of docs/benchmarks.md (and the ``video`` clips
 for OneVision). Each test appends its figures as a JSON line to ``$PACKVIT_GPU_REPORT`` if set.
 """
 
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from packvit.bench import workload_grids
+from packvit.benchmarks.workloads import workload_grids
 from packvit.metrics import compute_similarity_metrics
 from packvit.packing import PackedBatch
 from packvit.harness import FAMILIES, get_adapter

@@ -1,11 +1,12 @@
-"""``python -m packvit.train_bench --smoke``: tiny models on the CPU, every figure in the JSON."""
+"""``packvit bench --suite training --smoke``: tiny models on the CPU, every figure in the JSON."""
 
 import json
 
 import pytest
 
 from family_helpers import require_references
-from packvit import train_bench
+from packvit import cli
+from packvit.benchmarks import training
 
 
 
@@ -13,7 +14,7 @@ def test_smoke_run_writes_every_figure(tmp_path, capsys):
     require_references("siglip2", "dinov3")
     out = tmp_path / "train"
     arguments = ["--smoke", "--items", "3", "--repeats", "1", "--out", str(out), "--ckpt_dir", str(tmp_path / "ckpts")]
-    assert train_bench.main(arguments) == 0
+    assert cli.main(["bench", "--suite", "training", *arguments]) == 0
     report = json.loads((out / "train_bench.json").read_text())
     rows = {row["model"]: row for row in report["results"]}
     assert sorted(rows) == ["dinov3", "siglip2"]
@@ -22,7 +23,7 @@ def test_smoke_run_writes_every_figure(tmp_path, capsys):
         assert row["reference_batches"] == (1 if family == "siglip2" else 3)  # one padded batch; three distinct sizes
         assert row["reference_items_per_s"] > 0 and row["packvit_items_per_s"] > 0 and row["checkpointed_items_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["packvit_items_per_s"] / row["reference_items_per_s"])
-        assert row["speedup_target"] == train_bench.SPEEDUP_TARGETS[family]
+        assert row["speedup_target"] == training.SPEEDUP_TARGETS[family]
         assert row["gradient_cosine"] >= 0.99999 and row["meets_gradient_target"]  # float32: the same gradients
         assert row["gradient_min_tensor_cosine"] >= 0.9999
         assert row["packvit_activation_mib"] is None and row["meets_checkpointing_target"] is None  # memory needs CUDA

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from packvit.attention import select_backend
-from packvit.bench import workload_grids
+from packvit.benchmarks.workloads import workload_grids
 from packvit.harness import FAMILIES, get_adapter
 from packvit.packing import PackedBatch
 

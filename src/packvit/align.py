@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import compute_similarity_metrics
+from . import arguments
 from .harness import FAMILIES, FamilyAdapter, ItemOutput, get_adapter
+from .metrics import compute_similarity_metrics
 
-__all__ = ["ScenarioResult", "align_family", "positive_int", "add_arguments", "run", "main"]
+__all__ = ["ScenarioResult", "AlignSettings", "align_family", "add_arguments", "run", "main"]
 
 MIXED_GRIDS = ((1, 1), (1, 37), (23, 2), (16, 16), (7, 13), (30, 9))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -54,20 +55,47 @@ class ScenarioResult:
     criterion: str = field(default="")
 
 
-def _real_photographs(image_dir: str | None) -> list:
-    """Photographs from ``image_dir``, else the ones scikit-image ships."""
+def _read_photographs(image_dir: Path) -> tuple:
+    """Every image file of ``image_dir``, decoded to RGB; ``ValueError`` naming a file that does not decode."""
     from PIL import Image
 
-    if image_dir:
-        paths = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise ValueError(f"--image_dir {image_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return [Image.open(p).convert("RGB") for p in paths]
-    try:
-        from skimage import data
-    except ImportError as error:
-        raise ValueError("real images need --image_dir or scikit-image installed (pip install scikit-image)") from error
-    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    files = sorted(p for p in image_dir.iterdir() if p.is_file())
+    paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise ValueError(f"--image_dir {image_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    if len(paths) < len(files):
+        print(f"--image_dir {image_dir}: {len(paths)} images, {len(files) - len(paths)} other files left out",
+              file=sys.stderr)
+    photographs = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                photographs.append(image.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"--image_dir: {path} is not an image Pillow can read ({error}); "
+                             f"remove or replace it") from error
+    return tuple(photographs)
+
+
+def _photographs(image_dir: Path | None, use_real_images: bool | None) -> tuple | None:
+    """The real-images scenario's photographs: ``image_dir``'s, else scikit-image's; ``None`` for no
+    such scenario (turned off, or neither source available when not asked for)."""
+    from PIL import Image
+
+    if use_real_images is False:
+        if image_dir is not None:
+            raise ValueError("--image_dir gives the photographs of the real-images scenario, which "
+                             "--no-use_real_images turns off; drop one of the two")
+        return None
+    if image_dir is not None:
+        return _read_photographs(image_dir)
+    if not _has_skimage():
+        if use_real_images:
+            raise ValueError("--use_real_images needs --image_dir or scikit-image installed (pip install scikit-image)")
+        return None
+    from skimage import data
+
+    return tuple(Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "chelsea", "coffee", "rocket"))
 
 
 def _has_skimage() -> bool:
@@ -94,17 +122,68 @@ def _compare(family, precision, scenario, reference: list[ItemOutput], packed: l
                           passed=passed, criterion=criterion, **metrics)
 
 
-def _scenarios(adapter: FamilyAdapter, ckpt, patch_size: int, args) -> list[tuple[str, list[torch.Tensor]]]:
+@dataclass(frozen=True)
+class AlignSettings:
+    """What ``packvit align`` compares, checked before anything runs (``from_args``)."""
+
+    families: tuple[str, ...]
+    device: torch.device
+    #: a local checkpoint directory (a hub id already fetched), or None for a random checkpoint of ``size``
+    checkpoint: Path | None = None
+    size: str = "tiny"
+    batch_size: int = 4
+    #: pixel sides of the same-size scenarios; empty: each family's own grids
+    image_sizes: tuple[int, ...] = ()
+    #: float32 bound on max |diff|; None: 1e-5 for a tiny random checkpoint, 1e-4 otherwise
+    threshold: float | None = None
+    cosine_threshold: float = 0.999
+    #: the real-images scenario's photographs (RGB images), or None for no such scenario
+    photographs: tuple | None = None
+    json: Path | None = None
+
+    @property
+    def float32_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 1e-5 if self.checkpoint is None and self.size == "tiny" else 1e-4
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AlignSettings:
+        """The settings of a command line; ``ValueError`` for a checkpoint, family or image folder that
+        cannot be used (a hub id is fetched here)."""
+        from .checkpoint import read_config_dict, resolve_checkpoint
+        from .models.registry import family_of, normalize_family
+
+        families = tuple(dict.fromkeys(normalize_family(name) for name in args.models))
+        checkpoint = None
+        if args.ckpt is not None:
+            if args.size is not None:
+                raise ValueError("--size chooses the random checkpoint written when no --ckpt is given; drop one of the two")
+            checkpoint = resolve_checkpoint(args.ckpt)
+            family = family_of(read_config_dict(checkpoint), f"--ckpt {args.ckpt}")
+            if families and families != (family,):
+                raise ValueError(f"--ckpt {args.ckpt} is one {family} checkpoint; name {family} alone with it "
+                                 f"(or no family), not {', '.join(families)}")
+            families = (family,)
+        device = arguments.device_or_default(args.device)
+        return cls(families=families or FAMILIES, device=device, checkpoint=checkpoint, size=args.size or "tiny",
+                   batch_size=args.batch_size, image_sizes=tuple(args.image_size or ()), threshold=args.threshold,
+                   cosine_threshold=args.cosine_threshold, photographs=_photographs(args.image_dir, args.use_real_images),
+                   json=args.json)
+
+
+def _scenarios(adapter: FamilyAdapter, ckpt, patch_size: int, settings: AlignSettings) -> list[tuple[str, list[torch.Tensor]]]:
     generator = torch.Generator().manual_seed(0)
     scenarios = []
-    if args.image_size and min(args.image_size) < patch_size:
-        raise ValueError(f"--image_size {min(args.image_size)} is smaller than one {patch_size}-pixel patch of {adapter.name}")
-    grids = [(s // patch_size, s // patch_size) for s in args.image_size] if args.image_size else adapter.default_grids
+    if settings.image_sizes and min(settings.image_sizes) < patch_size:
+        raise ValueError(f"--image_size {min(settings.image_sizes)} is smaller than one {patch_size}-pixel patch of {adapter.name}")
+    grids = [(s // patch_size, s // patch_size) for s in settings.image_sizes] if settings.image_sizes else adapter.default_grids
     for h, w in grids:
-        scenarios.append((f"same-size {h}x{w} x{args.batch_size}", adapter.random_items([(h, w)] * args.batch_size, patch_size, generator)))
+        scenarios.append((f"same-size {h}x{w} x{settings.batch_size}",
+                          adapter.random_items([(h, w)] * settings.batch_size, patch_size, generator)))
     scenarios.append(("mixed-resolution pack", adapter.random_items(MIXED_GRIDS, patch_size, generator)))
-    if args.image_dir or args.use_real_images or (args.use_real_images is None and _has_skimage()):
-        scenarios.append(("real images", adapter.preprocess(ckpt, _real_photographs(args.image_dir))))
+    if settings.photographs is not None:
+        scenarios.append(("real images", adapter.preprocess(ckpt, settings.photographs)))
     rng = np.random.default_rng(0)
     random_grids = [tuple(int(x) for x in rng.integers(1, 41, size=2)) for _ in range(10)]
     scenarios.append(("ten random sizes", adapter.random_items(random_grids, patch_size, generator)))
@@ -112,16 +191,15 @@ def _scenarios(adapter: FamilyAdapter, ckpt, patch_size: int, args) -> list[tupl
     return scenarios
 
 
-def align_family(name: str, args) -> list[ScenarioResult]:
+def align_family(name: str, settings: AlignSettings) -> list[ScenarioResult]:
     """Runs every scenario for one family, in each precision the device calls for."""
     adapter = get_adapter(name)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = settings.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     with tempfile.TemporaryDirectory(prefix=f"packvit-align-{name}-") as scratch:
-        ckpt = args.ckpt or adapter.write_random_checkpoint(Path(scratch), size=args.size, seed=0)
-        threshold = args.threshold if args.threshold is not None else (1e-4 if args.ckpt or args.size != "tiny" else 1e-5)
+        ckpt = settings.checkpoint or adapter.write_random_checkpoint(Path(scratch), size=settings.size, seed=0)
         precisions = [("float32", torch.float32, "reference")]
         if device.type == "cuda":
             precisions.insert(0, ("bfloat16", torch.bfloat16, None))
@@ -129,15 +207,16 @@ def align_family(name: str, args) -> list[ScenarioResult]:
         for precision, dtype, backend in precisions:
             reference = adapter.load_reference(ckpt, device, dtype)
             packed = adapter.load_packed(ckpt, device, dtype)
-            packed.attention_backend = backend
-            for scenario, items in _scenarios(adapter, ckpt, packed.patch_size, args):
-                items = [item.to(device=device, dtype=dtype) for item in items]
-                with torch.inference_mode():
-                    ref_out = adapter.run_reference(reference, items, args.batch_size)
-                    packed_out = adapter.run_packed(packed, items)
-                result = _compare(name, precision, scenario, ref_out, packed_out, threshold, args.cosine_threshold)
-                results.append(result)
-                _print_row(result)
+            with packed.runtime(attention_backend=backend):
+                for scenario, items in _scenarios(adapter, ckpt, packed.patch_size, settings):
+                    items = [item.to(device=device, dtype=dtype) for item in items]
+                    with torch.inference_mode():
+                        ref_out = adapter.run_reference(reference, items, settings.batch_size)
+                        packed_out = adapter.run_packed(packed, items)
+                    result = _compare(name, precision, scenario, ref_out, packed_out, settings.float32_threshold,
+                                      settings.cosine_threshold)
+                    results.append(result)
+                    _print_row(result)
             del reference, packed
         return results
 
@@ -152,55 +231,47 @@ def _print_row(r: ScenarioResult) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="*", help=f"families to check (default: all of {', '.join(FAMILIES)})")
+    parser.add_argument("models", nargs="*", help=f"families to check (default: all of {', '.join(FAMILIES)}; "
+                                                  f"with --ckpt: the checkpoint's)")
     parser.add_argument("--ckpt", help="checkpoint directory or hub id (default: a small random checkpoint written locally)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch_size", type=positive_int, default=4, help="items per same-size scenario and per reference batch")
-    parser.add_argument("--image_size", type=positive_int, nargs="*", help="pixel sides of the same-size scenarios (default: per family)")
+    parser.add_argument("--device", type=arguments.device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--batch_size", type=arguments.positive_int, default=4,
+                        help="items per same-size scenario and per reference batch")
+    parser.add_argument("--image_size", type=arguments.positive_int, nargs="*",
+                        help="pixel sides of the same-size scenarios (default: per family)")
     parser.add_argument("--threshold", type=float, help="float32 pass bound on max |diff| (default 1e-5 small random, 1e-4 real checkpoints)")
     parser.add_argument("--cosine_threshold", type=float, default=0.999, help="bf16 pass bound on mean token and pooled cosine")
     parser.add_argument("--use_real_images", action=argparse.BooleanOptionalAction, default=None,
                         help="add a scenario of real photographs (from --image_dir, else scikit-image's; "
                              "default: when either is available)")
-    parser.add_argument("--image_dir", help="directory of images for the real-images scenario")
-    parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="size of the random checkpoint when no --ckpt is given")
-    parser.add_argument("--json", help="write every result to this JSON file")
+    parser.add_argument("--image_dir", type=arguments.input_folder, help="folder of images for the real-images scenario")
+    parser.add_argument("--size", choices=("tiny", "full"),
+                        help="size of the random checkpoint when no --ckpt is given (default: tiny)")
+    parser.add_argument("--json", type=arguments.output_file, help="write every result to this JSON file")
 
 
-def run(args) -> int:
-    models = [m.replace("-", "_").lower() for m in args.models] or list(FAMILIES)
-    if args.ckpt and len(models) != 1:
-        raise SystemExit("--ckpt names one checkpoint: name exactly one model family with it")
+def run(args: argparse.Namespace) -> int:
+    settings = AlignSettings.from_args(args)
     results = []
-    for name in models:
-        results.extend(align_family(name, args))
+    for name in settings.families:
+        results.extend(align_family(name, settings))
     failed = [r for r in results if not r.passed]
     print(f"\nsummary: {len(results) - len(failed)} passed, {len(failed)} failed "
-          f"({len(models)} families: {', '.join(models)})")
+          f"({len(settings.families)} families: {', '.join(settings.families)})")
     for r in failed:
         print(f"  FAILED {r.family} {r.precision} {r.scenario}: {r.criterion} "
               f"(max {r.max_diff:.2e}, mean cos {r.mean_cosine:.6f})")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if settings.json is not None:
+        settings.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 1 if failed else 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="packvit align", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m packvit.align``: ``packvit align`` on its own."""
+    from .cli import main as packvit
+
+    return packvit(["align", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``packvit`` command: ``info``, ``align``, ``bench``, ``convert`` and ``embed``.
 
 Bad arguments and inputs end with ``packvit <command>: error: <what is wrong and how to fix it>``
-and exit status 2, without a traceback.
+and exit status 2, without a traceback, before any work: the argument checks of
+``packvit.arguments`` while the command line is parsed, then each command's own settings check.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from . import __version__, align
+from . import __version__, align, arguments
 from .attention import backend_report, select_backend
 from .layers import compiler_runs_on_cuda
 
@@ -61,10 +62,23 @@ def _info(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from . import bench
+def _add_bench_parser(commands, argv) -> None:
+    """``packvit bench`` with the flags of the suite ``--suite`` names: each suite has its own (their
+    token budgets even count different tokens), so the suite is read from the command line first."""
+    from .benchmarks import SUITES, suite
 
-    return bench.run(args)
+    scan = argparse.ArgumentParser(add_help=False)
+    scan.add_argument("--suite", default="inference")
+    chosen = scan.parse_known_args(sys.argv[1:] if argv is None else argv)[0].suite
+    module = suite(chosen if chosen in SUITES else "inference")
+    parser = commands.add_parser("bench", help="speed and memory against the references (docs/benchmarks.md)",
+                                 description=module.__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=SUITES, default="inference",
+                        help="inference (default): forward throughput, memory and latency; training: forward + "
+                             "backward; files: packvit embed end to end on JPEG files. Each suite has its own "
+                             "flags: `packvit bench --suite NAME --help` lists them")
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
 
 
 def main(argv=None) -> int:
@@ -73,18 +87,16 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="versions, device and attention backends usable here")
-    info.add_argument("--head_dim", type=align.positive_int, nargs="+", default=[64, 72, 128])
+    info.add_argument("--head_dim", type=arguments.positive_int, nargs="+", default=[64, 72, 128])
     info.set_defaults(handler=_info)
 
     align_parser = commands.add_parser("align", help="parity of packed models against their references")
     align.add_arguments(align_parser)
     align_parser.set_defaults(handler=align.run)
 
-    from . import bench, convert
+    _add_bench_parser(commands, argv)
 
-    bench_parser = commands.add_parser("bench", help="speed and memory against the reference (BENCHMARKS.md)")
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(handler=_bench)
+    from . import convert
 
     convert.add_convert_parser(commands)
 
@@ -97,7 +109,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # an input or setting that cannot be used, a missing extra
         print(f"packvit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

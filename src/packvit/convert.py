@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .arguments import output_folder, positive_int
+
 __all__ = ["convert_llava_vit", "read_training_state", "verify_llava_vit", "add_convert_parser"]
 
 SOURCES = ("published", "training")
@@ -115,8 +117,10 @@ def _check_source(src: Path, source: str) -> None:
 
 
 def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"--dst {dst} is a file; pass a directory to write the converted checkpoint into")
+    try:
+        output_folder(str(dst))  # a writable folder, or a new one in a writable folder
+    except ValueError as error:
+        raise ValueError(f"--dst {error}") from None
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("--dst must differ from --src")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -177,9 +181,10 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     llava_vit = families.add_parser("llava-vit", aliases=["llava_vit"],
                                     help="OneVision Encoder: published or training layout → LlavaViTPackingModel")
     llava_vit.add_argument("--src", required=True, help="source checkpoint directory (or training checkpoint file)")
-    llava_vit.add_argument("--dst", required=True, help="directory to write the packing-format checkpoint to")
+    llava_vit.add_argument("--dst", required=True,
+                           help="directory to write the packing-format checkpoint to (its parent must exist)")
     llava_vit.add_argument("--from", dest="source", choices=SOURCES, default="published", help="layout of --src")
-    llava_vit.add_argument("--num_attention_heads", type=int, default=None,
+    llava_vit.add_argument("--num_attention_heads", type=positive_int, default=None,
                            help="head count of a training checkpoint that shapes and config.json cannot tell")
     llava_vit.add_argument("--tolerance", type=float, default=1e-4,
                            help="largest relative error between source and converted model accepted before saving")
