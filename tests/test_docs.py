@@ -91,7 +91,7 @@ def scratch(tmp_path_factory):
         (snapshot.parents[1] / "refs").mkdir(parents=True, exist_ok=True)
         (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     if importable("transformers.Lfm2VlForConditionalGeneration"):
-        from packvit.integrations.transformers_bench import build_lfm2_vl
+        from packvit.benchmarks.vlm import build_lfm2_vl
 
         snapshot = cache / "models--LiquidAI--LFM2-VL-450M" / "snapshots" / ("0" * 40)
         build_lfm2_vl("smoke", torch.device("cpu"), torch.float32).save_pretrained(snapshot)

@@ -351,7 +351,7 @@ def test_padded_inputs_round_trip():
 def test_the_documented_example_runs(checkpoint):
     """docs/vlm.md's LFM2-VL example, run as written on the small random checkpoint (the one name it
     needs: ``checkpoint``, a hub id replaced by the directory)."""
-    snippets = [s for s in re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S) if "use_packed_vision_tower" in s]
+    snippets = [s for s in re.findall(r"```python[^\n]*\n(.*?)```", DOC.read_text(), flags=re.S) if "use_packed_vision_tower" in s]
     example = snippets[0].replace('"LiquidAI/LFM2-VL-450M"', repr(str(checkpoint)))
     assert example != snippets[0]
     namespace = {}
@@ -362,8 +362,8 @@ def test_the_documented_example_runs(checkpoint):
 
 
 def test_the_benchmark_runs_small(tmp_path):
-    """``python -m packvit.integrations.transformers_bench --smoke``: both towers on the same padded batches."""
-    from packvit.integrations.transformers_bench import even_grids, main
+    """``packvit bench --suite vlm --smoke``: both towers on the same padded batches."""
+    from packvit.benchmarks.vlm import even_grids, main
 
     assert all(h % 2 == 0 and w % 2 == 0 for h, w in even_grids(64))
     assert main(["--smoke", "--items", "4", "--batch_size", "2", "--repeats", "1", "--device", "cpu",

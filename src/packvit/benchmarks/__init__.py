@@ -1,4 +1,4 @@
-"""packvit's measurements against the references: ``packvit bench --suite inference|training|files``.
+"""packvit's measurements against the references: ``packvit bench --suite inference|training|files|vlm``.
 
 The workloads, baselines and figures are defined in ``docs/benchmarks.md``. ``common`` measures
 what every suite measures the same way (device sync, timing, call latencies, peak memory, the
@@ -7,7 +7,8 @@ suite is one module with ``add_arguments(parser)`` and ``run(args) -> int``:
 
 - ``inference``: forward throughput, memory and online latency of every family (the default suite);
 - ``training``: forward + backward speed, memory and gradient agreement;
-- ``files``: ``packvit embed`` end to end on JPEG files against a transformers pipeline.
+- ``files``: ``packvit embed`` end to end on JPEG files against a transformers pipeline;
+- ``vlm``: LFM2-VL's image path with transformers' SigLIP2 tower and with packvit's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from types import ModuleType
 
 __all__ = ["SUITES", "suite"]
 
-SUITES = ("inference", "training", "files")
+SUITES = ("inference", "training", "files", "vlm")
 
 
 def suite(name: str) -> ModuleType:

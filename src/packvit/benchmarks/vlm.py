@@ -1,9 +1,9 @@
 """LFM2-VL's image path with transformers' SigLIP2 tower and with packvit's, same run, same batches.
 
-    python -m packvit.integrations.transformers_bench --out DIR [--items 512] [--repeats 5] [--smoke]
+    packvit bench --suite vlm --out DIR [--items 512] [--repeats 5] [--smoke]
 
 An LFM2-VL with random weights (SigLIP2 so400m NaFlex tower, without its head as LFM2-VL has it; a
-2-layer LFM2 language model, which ``get_image_features`` does not run) encodes BENCHMARKS.md's
+2-layer LFM2 language model, which ``get_image_features`` does not run) encodes docs/benchmarks.md's
 ``mixed`` images in the VLM's own padded batches: 32 images a batch in workload order, each padded
 to LFM2-VL's 1024 rows with its mask and ``spatial_shapes``, random-normal pixels. The grids are
 ``mixed``'s with each side rounded down to an even number (at least 2): LFM2-VL merges 2x2 patches
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import warnings
 from pathlib import Path
 
@@ -32,13 +31,14 @@ import torch
 
 from .._optional import require
 from ..attention import select_backend
-from ..bench import _median_seconds, _peak_memory, workload_grids
 from ..harness.siglip2 import REFERENCE_SIZES
+from ..integrations.transformers import padded_inputs, restore_vision_tower, use_packed_vision_tower
 from ..packing import PackedBatch
-from .transformers import padded_inputs, restore_vision_tower, use_packed_vision_tower
+from .common import environment, median_seconds, peak_memory, require_cuda
+from .workloads import workload_grids
 
-__all__ = ["even_grids", "lfm2_vl_batches", "build_lfm2_vl", "feature_agreement", "count_synchronisations", "run",
-           "main"]
+__all__ = ["even_grids", "lfm2_vl_batches", "build_lfm2_vl", "feature_agreement", "count_synchronisations", "measure",
+           "add_arguments", "run", "main"]
 
 #: LFM2-VL's processor pads every image to max(max_image_tokens * 4, (tile_size / 16)²) rows: 1024 at its defaults
 LFM2_VL_MAX_NUM_PATCHES = 1024
@@ -121,28 +121,29 @@ def _measure(vlm, batches, repeats: int, device) -> dict:
     """Features of every batch, seconds per pass, synchronisations and peak memory of one batch."""
     with torch.inference_mode():
         features = [f for batch in batches for f in _image_features(vlm, batch)]
-        seconds = _median_seconds(lambda: [_image_features(vlm, batch) for batch in batches], device, repeats)
+        seconds = median_seconds(lambda: [_image_features(vlm, batch) for batch in batches], device, repeats)
         tower = vlm.model.vision_tower
         first = batches[0]
         syncs_tower = count_synchronisations(lambda: tower(first["pixel_values"], first["pixel_attention_mask"],
                                                            first["spatial_shapes"]))
         syncs_features = count_synchronisations(lambda: _image_features(vlm, first))
-        peak, above = _peak_memory(lambda: _image_features(vlm, first), device)
+        with peak_memory(device) as memory:
+            _image_features(vlm, first)
     return {"features": features, "seconds_per_pass": seconds, "images_per_second": len(features) / seconds,
             "host_syncs_tower_call": syncs_tower, "host_syncs_get_image_features": syncs_features,
-            "peak_memory_mib": peak, "peak_above_start_mib": above}
+            "peak_memory_mib": memory.peak_mib, "peak_above_start_mib": memory.above_start_mib}
 
 
-def run(args) -> dict:
+def measure(args) -> dict:
     """The benchmark (module docstring); returns the figures written to ``args.out``."""
     transformers = require("transformers", "align", "the LFM2-VL benchmark")
     if not hasattr(transformers, "Lfm2VlForConditionalGeneration"):
-        raise SystemExit(f"transformers {transformers.__version__} has no LFM2-VL (4.57 or newer has it)")
+        raise ValueError(f"transformers {transformers.__version__} has no LFM2-VL: upgrade it to 4.57 or newer")
     if min(args.items, args.batch_size, args.repeats) < 1:
-        raise SystemExit("--items, --batch_size and --repeats must be positive")
+        raise ValueError("--items, --batch_size and --repeats must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.smoke:
-        raise SystemExit("the full-size benchmark needs a CUDA device; --smoke runs tiny models anywhere")
+    if not args.smoke:
+        require_cuda(device, "vlm", "--smoke runs tiny models anywhere")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the float32 reference
     size = "smoke" if args.smoke else "full"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -175,8 +176,7 @@ def run(args) -> dict:
             "packvit": feature_agreement(float32, packed["features"][:first]),
         },
         "environment": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            **environment(device),
             "transformers_attention": vlm.config.vision_config._attn_implementation, "packvit_attention": packed_backend,
         },
     }
@@ -196,12 +196,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, any device (a check that it runs)")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
+def run(args: argparse.Namespace) -> int:
+    measure(args)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
