@@ -1,36 +1,37 @@
 #!/usr/bin/env bash
 # Every GPU check of packvit, from the source tree, in stages that fit one call of a GPU machine each:
 #
-#   bash scripts/gpu_check.sh STAGE [STAGE ...] [-- extra packvit bench arguments]
+#   bash scripts/gpu_check.sh STAGE [STAGE ...] [-- extra arguments for the bench stage]
 #
-#   info            versions and the attention backends usable there
-#   cpu-tests       the CPU suite under that machine's torch/transformers (and its torchvision/timm tests)
-#   model-tests     full-size parity, no host sync, batching independence, attention and packing GPU tests
-#   training-tests  gradient parity, checkpointing, compiled training, no host sync in backward (GPU)
-#   graph-tests     the CUDA-graph mode's GPU tests
-#   bench           packvit bench --profile (all families and workloads unless arguments after --)
-#   train-bench     python -m packvit.train_bench (forward + backward against the references)
-#   embed-bench     python -m packvit.embed.bench (the `files` workload, end to end)
 #   fa4-install     install FlashAttention 4: .fa4b/'s wheels first, then .fa4/'s CUDA library archive
 #                   over them (see ../shared/tools/fa4-carry.sh; the other order leaves a cutlass
 #                   package that pip --target skips: "No module named 'cutlass.cute'")
+#   info            versions and the attention backends usable there
+#   cpu-tests       the CPU suite under that machine's torch/transformers and torchvision (8 processes)
+#   attention-tests every attention backend against the float32 reference, FA4's backward probe
+#   model-tests     full-size parity, no host sync, batching independence, packing GPU tests
+#   training-tests  gradient parity (full size included), checkpointing, compiled training, no host sync
+#   graph-tests     the CUDA-graph mode's GPU tests
+#   vlm-tests       LFM2-VL with packvit's tower: its real processor, host synchronisations
+#   fp8-tests       FP8 inference: full-size parity and speed against bf16
+#   docs-tests      the README and docs snippets, GPU-only blocks included
+#   bench           packvit bench --profile (all families and workloads unless arguments after --)
+#   train-bench     packvit bench --suite training (forward + backward against the references)
+#   embed-bench     packvit bench --suite files (the `files` workload, end to end)
+#   vlm-bench       packvit bench --suite vlm (LFM2-VL's image features, transformers' tower and packvit's)
 #
 # FA4 needs two calls: one carrying .fa4 (any stages; .fa4 stays on the warm machine), then, while
 # the machine is warm, one carrying .fa4b that starts with `fa4-install`; later calls find it in
-# /opt/fa4site. Figures go to $OUT (or gpu_out/), full-size random checkpoints to
-# $PACKVIT_CKPT_DIR, reused by later calls.
-#
-# Measured on an H200 (this release): model-tests 345 s on a fresh machine (writing the full-size
-# checkpoints included), training-tests 86 s, bench of four families x (uniform, mixed) with
-# --repeats 3 318 s; one family's two workloads about 55 s once its checkpoint exists. What has not
-# run yet, in the order it is worth: the FA4 pair with `model-tests bench`, `graph-tests` and
-# `bench -- --workloads online`, `train-bench`, `bench -- --workloads mixed-4k video`.
+# /opt/fa4site. Full-size random checkpoints go to $PACKVIT_CKPT_DIR, reused by later calls on the
+# machine. Logs and figures go to gpu_out/ (or $GPU_WORK); with $OUT set (the GPU machine's
+# returned folder) they are also packed into $OUT/gpu_results.tar.gz, with the summary beside it.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
-[ -d /opt/fa4site/flash_attn ] && export PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages:src
-out=${OUT:-gpu_out}; mkdir -p "$out"
-export PACKVIT_CKPT_DIR=${PACKVIT_CKPT_DIR:-/tmp/packvit-ckpts} PACKVIT_GPU_REPORT="$out/gpu_figures.jsonl"
+FA4_PATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages
+[ -d /opt/fa4site/flash_attn ] && export PYTHONPATH=$FA4_PATH:src
+work=${GPU_WORK:-gpu_out}; mkdir -p "$work"
+export PACKVIT_CKPT_DIR=${PACKVIT_CKPT_DIR:-/tmp/packvit-ckpts} PACKVIT_GPU_REPORT="$work/gpu_figures.jsonl"
 python=${PYTHON:-python3}
 stages=(); bench_args=()
 while [ $# -gt 0 ]; do
@@ -38,39 +39,44 @@ while [ $# -gt 0 ]; do
   stages+=("$1"); shift
 done
 status=()
-run() {  # run NAME COMMAND...: the command's output to $out/NAME.log, its last line to the summary
+run() {  # run NAME COMMAND...: the command's output to $work/NAME.log, its last line to the summary
   local name=$1; shift
   local start=$SECONDS
-  "$@" > "$out/$name.log" 2>&1
-  status+=("$name ($((SECONDS - start)) s): $(grep -v '^FIGURES' "$out/$name.log" | tail -n 1)")
-  tail -n 15 "$out/$name.log"
+  "$@" > "$work/$name.log" 2>&1
+  status+=("$name ($((SECONDS - start)) s, exit $?): $(grep -v '^FIGURES' "$work/$name.log" | tail -n 1)")
+  tail -n 15 "$work/$name.log"
 }
 pytest_gpu() { $python -m pytest -q -m gpu -s -p no:cacheprovider "$@"; }
 
 for stage in "${stages[@]}"; do
   case $stage in
-    info) run info $python -m packvit info ;;
-    cpu-tests) run cpu-tests $python -m pytest -q -m "not gpu" -p no:cacheprovider tests ;;
-    model-tests) run model-tests pytest_gpu tests/test_models_gpu.py tests/test_attention_gpu.py tests/test_packing.py ;;
-    training-tests) run training-tests pytest_gpu tests/test_training_gpu.py ;;
-    graph-tests) run graph-tests pytest_gpu tests/test_cuda_graphs_gpu.py ;;
-    bench) run bench $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/bench" "${bench_args[@]}" ;;
-    train-bench) run train-bench $python -m packvit.train_bench --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$out/train_bench" ;;
-    embed-bench) run embed-bench $python -m packvit.embed.bench --num_files 5000 --size full --out "$out/embed_bench" ;;
     fa4-install)
       $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /opt/fa4site .fa4b/*.whl \
         && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz \
-        && PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages $python -c "import flash_attn.cute" \
+        && PYTHONPATH=$FA4_PATH $python -c "import flash_attn.cute" \
         && status+=("fa4-install: done") || status+=("fa4-install: FAILED")
-      export PYTHONPATH=/opt/fa4site:/opt/fa4site/nvidia_cutlass_dsl/dsl_packages:src ;;
+      export PYTHONPATH=$FA4_PATH:src ;;
+    info) run info $python -m packvit info --head_dim 64 72 80 104 128 ;;
+    cpu-tests) run cpu-tests $python -m pytest -q -m "not gpu" -p no:cacheprovider -n 8 tests ;;
+    attention-tests) run attention-tests pytest_gpu tests/test_attention_gpu.py ;;
+    model-tests) run model-tests pytest_gpu tests/test_models_gpu.py tests/test_packing.py ;;
+    training-tests) run training-tests pytest_gpu tests/test_training_gpu.py ;;
+    graph-tests) run graph-tests pytest_gpu tests/test_cuda_graphs_gpu.py ;;
+    vlm-tests) run vlm-tests pytest_gpu tests/test_vlm_transformers.py ;;
+    fp8-tests) run fp8-tests pytest_gpu tests/test_fp8_gpu.py ;;
+    docs-tests) run docs-tests $python -m pytest -q -s -p no:cacheprovider tests/test_docs.py ;;
+    bench) run bench $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$work/bench" "${bench_args[@]}" ;;
+    train-bench) run train-bench $python -m packvit bench --suite training --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$work/train_bench" ;;
+    embed-bench) run embed-bench $python -m packvit bench --suite files --num_files 5000 --size full --out "$work/embed_bench" ;;
+    vlm-bench) run vlm-bench $python -m packvit bench --suite vlm --out "$work/vlm_bench" ;;
     *) echo "unknown stage $stage; see the header of $0"; exit 2 ;;
   esac
 done
 
-echo
-echo "=== summary ==="
-if [ -s "$PACKVIT_GPU_REPORT" ]; then
-  $python - "$PACKVIT_GPU_REPORT" <<'PY'
+summary() {
+  echo "=== summary ==="
+  if [ -s "$PACKVIT_GPU_REPORT" ]; then
+    $python - "$PACKVIT_GPU_REPORT" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
@@ -83,9 +89,18 @@ for line in open(sys.argv[1]):
           f"mean|d| {t['mean_diff']:.2e} cos min/mean {t['min_cosine']:.5f}/{t['mean_cosine']:.6f}  "
           f"first-token cos min {first['min_cosine']:.6f}  {pooled_text}")
 PY
+  fi
+  for table in "$work"/bench/bench.md "$work"/train_bench/*.md "$work"/embed_bench/*.md; do
+    [ -f "$table" ] && cat "$table"
+  done
+  for figures in "$work"/vlm_bench/*.json "$work"/cuda_graphs.jsonl; do
+    [ -f "$figures" ] && cat "$figures"
+  done
+  printf '%s\n' "${status[@]}"
+}
+echo
+summary | tee "$work/summary.txt"
+if [ -n "${OUT:-}" ]; then
+  cp "$work/summary.txt" "$OUT/summary.txt"
+  tar -czf "$OUT/gpu_results.tar.gz" -C "$work" .
 fi
-[ -f "$out/bench/bench.md" ] && cat "$out/bench/bench.md"
-[ -f "$out/train_bench/train_bench.md" ] && cat "$out/train_bench/train_bench.md"
-[ -f "$out/embed_bench/bench_files.md" ] && cat "$out/embed_bench/bench_files.md"
-[ -f "$out/cuda_graphs.jsonl" ] && cat "$out/cuda_graphs.jsonl"
-printf '%s\n' "${status[@]}"
