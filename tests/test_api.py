@@ -162,3 +162,78 @@ def test_runtime_sets_modes_and_restores_them(checkpoints):
     assert model.compile_layers is None
     with pytest.raises(ValueError, match="unknown runtime modes"), model.runtime(speed=11):
         pass
+
+
+# --- the earlier packed models' call forms -----------------------------------------------------------
+# Every family's first release took ``forward(hidden_states, grid_thw, *, return_dict=False,
+# output_hidden_states=False)`` (AIMv2 also ``interpolate_pos_encoding``) and returned the
+# last_hidden_state tensor; OneVision's published LlavaViTPackingModel takes ``forward(hidden_states,
+# grid_thw, patch_positions=None, output_hidden_states=None, return_dict=None)`` and returns the output.
+
+
+def seed_inputs(model, family):
+    items = get_adapter(family).random_items([(3, 4), (2, 2)], model.patch_size, torch.Generator().manual_seed(3))
+    patches, grid_thw = patchify(items, model.patch_size, model.patch_layout)
+    return PackedBatch(patches, grid_thw, model.patch_layout), patches, grid_thw
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seed_call_forms_keyword_and_positional(checkpoints, family):
+    model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")
+    batch, patches, grid_thw = seed_inputs(model, family)
+    with torch.no_grad():
+        expected = model(batch, hidden_layers=range(model.num_hidden_layers + 1))
+        keyword = model(hidden_states=patches, grid_thw=grid_thw)
+        positional = model(patches, grid_thw)
+        as_output = model(hidden_states=patches, grid_thw=grid_thw, return_dict=True)
+        with_hidden = model(hidden_states=patches, grid_thw=grid_thw, output_hidden_states=True, return_dict=True)
+    if family == "llava_vit":  # the published packed model returns its output object
+        for out in (keyword, positional):
+            assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+            assert torch.equal(out.pooler_output, expected.pooler_output)
+    else:  # the image families' first releases returned the last_hidden_state tensor
+        assert torch.equal(keyword, expected.last_hidden_state) and torch.equal(positional, expected.last_hidden_state)
+    assert torch.equal(as_output.last_hidden_state, expected.last_hidden_state)
+    assert torch.equal(as_output.pooler_output, expected.pooler_output) and as_output.hidden_states is None
+    assert len(with_hidden.hidden_states) == model.num_hidden_layers + 1
+    for seed_hidden, hidden in zip(with_hidden.hidden_states, expected.hidden_states):
+        assert seed_hidden.shape == (patches.shape[0], model.hidden_size) and torch.equal(seed_hidden, hidden)
+    with pytest.raises(ValueError, match="as the first argument or as hidden_states=, not both"):
+        model(patches, grid_thw, hidden_states=patches)
+
+
+def test_seed_call_forms_of_the_published_onevision_model(checkpoints):
+    """patch_positions, output_hidden_states and return_dict by keyword and by position."""
+    from packvit.packing import token_positions
+
+    model = packvit.from_pretrained(checkpoint(checkpoints, "llava_vit"), device="cpu")
+    batch, patches, grid_thw = seed_inputs(model, "llava_vit")
+    positions = token_positions(grid_thw) * 2  # any (t, row, column): they change the output
+    with torch.no_grad():
+        expected = model(PackedBatch(patches, grid_thw, "cpp", positions), hidden_layers=range(model.num_hidden_layers + 1))
+        keyword = model(hidden_states=patches, grid_thw=grid_thw, patch_positions=positions)
+        positional = model(patches, grid_thw, positions)
+        hidden = model(patches, grid_thw, positions, True)
+        as_tuple = model(patches, grid_thw, positions, True, False)
+        default = model(patches, grid_thw)
+    for out in (keyword, positional, hidden):
+        assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+        assert torch.equal(out.pooler_output, expected.pooler_output)
+    assert keyword.hidden_states is None and len(hidden.hidden_states) == model.num_hidden_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(hidden.hidden_states, expected.hidden_states))
+    assert torch.equal(as_tuple[0], expected.last_hidden_state) and torch.equal(as_tuple[1], expected.pooler_output)
+    assert len(as_tuple[2]) == model.num_hidden_layers + 1
+    assert (default.last_hidden_state - expected.last_hidden_state).abs().max() > 1e-3
+
+
+def test_seed_loading_spellings(checkpoints):
+    """transformers' torch_dtype and device_map, as the earlier packed models took them."""
+    ckpt = checkpoint(checkpoints, "llava_vit")
+    model = packvit.LlavaViTPackingModel.from_pretrained(ckpt, torch_dtype=torch.bfloat16, device_map=None)
+    assert model.dtype == torch.bfloat16 and model.device == packvit.models.base.default_device()
+    assert packvit.from_pretrained(ckpt, torch_dtype=torch.float64, device_map="cpu").dtype == torch.float64
+    assert packvit.from_pretrained(ckpt, device_map={"": "cpu"}).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="pass dtype or torch_dtype .*not both"):
+        packvit.from_pretrained(ckpt, dtype=torch.float32, torch_dtype=torch.float32)
+    with pytest.raises(ValueError, match="a packed model runs on one device"):
+        packvit.from_pretrained(ckpt, device_map={"embeddings": "cpu", "blocks": "meta"})

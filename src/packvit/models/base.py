@@ -133,6 +133,28 @@ def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _one_spelling(name: str, value, alias: str, alias_value):
+    """``value``, or ``alias_value`` where only the alias (transformers' spelling) is given."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"pass {name} or {alias} (the same setting in transformers' spelling), not both")
+    return value if value is not None else alias_value
+
+
+def _single_device(device_map):
+    """The one device a transformers-style ``device_map`` names (``None`` and ``"auto"``: the default)."""
+    if device_map is None or device_map == "auto":
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map {device_map} spreads the model over {sorted(map(str, devices))}; a packed model runs "
+                f"on one device: pass device='cuda:0' (or one device for every module)"
+            )
+        (device_map,) = devices
+    return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+
+
 def normalize_layer_indices(hidden_layers: Sequence[int], num_layers: int) -> list[int]:
     """Indices into the ``num_layers + 1`` hidden states (negative from the end) → ``0 .. num_layers``."""
     normalized = []
@@ -212,8 +234,15 @@ class PackedVisionModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, ckpt, *, device=None, dtype=None, **config_overrides):
-        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default."""
+    def from_pretrained(cls, ckpt, *, device=None, dtype=None, torch_dtype=None, device_map=None, **config_overrides):
+        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default.
+
+        ``torch_dtype`` and ``device_map`` are transformers' spellings of ``dtype`` and ``device``
+        (the earlier packed models were transformers models): a ``device_map`` names one device
+        (or ``"auto"``, the default device), since a packed model lives on one device.
+        """
+        dtype = _one_spelling("dtype", dtype, "torch_dtype", torch_dtype)
+        device = _one_spelling("device", device, "device_map", _single_device(device_map))
         return cls(ckpt=ckpt, device=device, dtype=dtype, **config_overrides)
 
     @classmethod
@@ -400,17 +429,18 @@ class PackedVisionModel(nn.Module):
 
     def forward(
         self,
-        inputs,
+        inputs=None,
         grid_thw=None,
-        *,
         patch_positions: torch.Tensor | None = None,
-        metadata: PackMetadata | None = None,
         output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        *,
+        metadata: PackMetadata | None = None,
         hidden_layers: Sequence[int] | None = None,
         hidden_states_only: bool = False,
         output_pooled: bool = True,
-        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        hidden_states: torch.Tensor | None = None,
     ):
         """Encodes a pack.
 
@@ -427,10 +457,18 @@ class PackedVisionModel(nn.Module):
         ``interpolate_pos_encoding``: a learned fixed-grid position table (AIMv2 fixed-size
         checkpoints) is resized to other grids instead of refusing them (beyond the reference).
 
+        The earlier packed models' call forms: the patches as ``hidden_states=``, and
+        ``patch_positions``, ``output_hidden_states``, ``return_dict`` also by position, in the order
+        of OneVision's published ``LlavaViTPackingModel.forward``.
+
         Returns a ``PackedVisionOutput`` for a ``PackedBatch`` or ``return_dict=True``; with patches
         and no ``return_dict``, what the family's published packed model returned
         (``returns_output_by_default``): the output, or the ``last_hidden_state`` tensor.
         """
+        if hidden_states is not None:
+            if inputs is not None:
+                raise ValueError("pass the patches once: as the first argument or as hidden_states=, not both")
+            inputs = hidden_states
         if isinstance(inputs, PackedBatch):
             if grid_thw is not None or patch_positions is not None:
                 raise ValueError("pass a PackedBatch alone, or patches with grid_thw (and patch_positions), not both")
