@@ -177,6 +177,32 @@ def test_interpolated_table_matches_reference_built_at_that_size(models, tmp_pat
             assert (out.pooler_output[i] - reference[i].pooled).abs().max() <= ATOL
 
 
+def test_interpolation_is_model_state(checkpoints, models):
+    """model.interpolate_pos_encoding (set directly, through from_pretrained or a VisionTower) serves
+    model(batch) as the per-call keyword does; the per-call keyword overrides it."""
+    from packvit.packing import PackedBatch
+    from packvit.vlm import VisionTower
+
+    _, packed_model = models["learned"]
+    batch = PackedBatch(*patchify(items_for([(3, 7), (4, 4)]), PATCH))
+    expected = packed_model(batch.patches, batch.grid_thw, interpolate_pos_encoding=True)
+    model = AIMv2Packing.from_pretrained(checkpoints["learned"], device="cpu", interpolate_pos_encoding=True)
+    assert model.interpolate_pos_encoding and torch.equal(model(batch).last_hidden_state, expected)
+    assert torch.equal(packvit.from_pretrained(checkpoints["learned"], interpolate_pos_encoding=True)(batch).last_hidden_state,
+                       expected)
+    with pytest.raises(ValueError, match="learned position table"):
+        model(batch, interpolate_pos_encoding=False)
+    assert not packed_model.interpolate_pos_encoding
+    with pytest.raises(ValueError, match="learned position table"):
+        packed_model(batch)
+    model = AIMv2Packing.from_pretrained(checkpoints["learned"], device="cpu")
+    VisionTower(model, interpolate_pos_encoding=True)
+    assert torch.equal(model(batch).last_hidden_state, expected)
+    model.interpolate_pos_encoding = False
+    with pytest.raises(ValueError, match="learned position table"):
+        model.prepare(batch)
+
+
 def test_interpolation_serves_non_square_grids(models):
     _, packed_model = models["learned"]
     patches, grid_thw = patchify(items_for([(3, 7), (4, 4), (3, 7)]), PATCH)

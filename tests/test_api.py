@@ -97,6 +97,18 @@ def test_metadata_is_reusable_and_hidden_layers_are_selected(checkpoints, family
         model(batch, hidden_layers=[5])
 
 
+def test_contradictory_options_are_refused(checkpoints):
+    model = packvit.from_pretrained(checkpoint(checkpoints, "llava_vit"), device="cpu")
+    batch, patches, grid_thw = seed_inputs(model, "llava_vit")
+    with pytest.raises(ValueError, match="output_hidden_states=True asks for every hidden state and hidden_layers"):
+        model(batch, output_hidden_states=True, hidden_layers=[0])
+    with pytest.raises(ValueError, match="pass a PackedBatch alone"):
+        model(batch, patch_positions=torch.zeros(patches.shape[0], 3, dtype=torch.long))
+    with torch.no_grad():  # output_hidden_states=False and return_dict=True add nothing to a PackedBatch
+        plain, spelled = model(batch), model(batch, output_hidden_states=False, return_dict=True)
+    assert torch.equal(plain.last_hidden_state, spelled.last_hidden_state) and spelled.hidden_states is None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_pretrained_round_trip(checkpoints, family, tmp_path):
     model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")

@@ -153,12 +153,13 @@ class VisionTower(nn.Module):
 
     ``model``: a packed model (``packvit.from_pretrained``), a submodule of the tower, so that
     ``tower.requires_grad_(False)``, ``.train()``, ``.to()`` and optimisers reach it. The options
-    are those of this module's docstring; ``interpolate_pos_encoding`` is passed to the model.
+    are those of this module's docstring; ``interpolate_pos_encoding``, if given, sets the model's
+    attribute of that name.
     """
 
     def __init__(self, model: PackedVisionModel, *, select_layer: int | Sequence[int] | None = None,
                  select_feature: str = "patch", spatial_merge: int | None = None, odd_grids: str = "error",
-                 interpolate_pos_encoding: bool = False):
+                 interpolate_pos_encoding: bool | None = None):
         super().__init__()
         if not isinstance(model, PackedVisionModel):
             raise ValueError(f"VisionTower wraps a packed model (packvit.from_pretrained(...)), got {type(model).__name__}")
@@ -188,7 +189,8 @@ class VisionTower(nn.Module):
         self.select_feature = select_feature
         self.merge_size = spatial_merge if spatial_merge and spatial_merge > 1 else 1
         self.odd_grids = odd_grids
-        self.interpolate_pos_encoding = interpolate_pos_encoding
+        if interpolate_pos_encoding is not None:
+            model.interpolate_pos_encoding = interpolate_pos_encoding
 
     @property
     def feature_size(self) -> int:
@@ -215,7 +217,7 @@ class VisionTower(nn.Module):
         """The metadata of ``batch`` (host work and non-blocking copies only); ``pack``: the model's
         metadata of this batch if already built (``model.prepare(batch)``)."""
         if pack is None:
-            pack = self.model.prepare(batch, interpolate_pos_encoding=self.interpolate_pos_encoding)
+            pack = self.model.prepare(batch)
         lengths, index = self._layout(batch.grid_thw)
         cu_seqlens = SegmentLayout.from_lengths(lengths).cu_seqlens_host
         if index is not None and self.merge_size > 1:
@@ -230,12 +232,11 @@ class VisionTower(nn.Module):
             raise ValueError(f"a VisionTower takes a PackedBatch (the model's processor output), got {type(batch).__name__}")
         if not isinstance(metadata, TowerMetadata):
             metadata = self.prepare(batch, metadata)
-        options = dict(metadata=metadata.pack, interpolate_pos_encoding=self.interpolate_pos_encoding)
         if self.layers is None:
-            out = self.model(batch, output_pooled=False, **options)
+            out = self.model(batch, metadata=metadata.pack, output_pooled=False)
             selected, prefixes = [out.last_hidden_state], [out.prefix_tokens]
         else:
-            out = self.model(batch, hidden_layers=self.layers, hidden_states_only=True, **options)
+            out = self.model(batch, metadata=metadata.pack, hidden_layers=self.layers, hidden_states_only=True)
             selected, prefixes = list(out.hidden_states), list(out.prefix_hidden_states or [])
         x = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)  # [total_patches, F]
         if self.select_feature == "cls_patch":

@@ -13,8 +13,9 @@ Position embeddings come in two kinds:
   (``packvit.positions.sincos_2d``), computed in float64 and cast to the activation dtype, as in
   the reference;
 - fixed-size checkpoints (224/336/448): a learned ``(S*S, D)`` table for one ``S x S`` grid. Any
-  other grid raises ``ValueError``; ``interpolate_pos_encoding=True`` instead resizes the table
-  (antialiased bicubic, float32, as timm's ``resample_abs_pos_embed``), beyond the reference.
+  other grid raises ``ValueError``; the model attribute ``interpolate_pos_encoding = True`` instead
+  resizes the table (antialiased bicubic, float32, as timm's ``resample_abs_pos_embed``), beyond the
+  reference.
 
 Input patches are flattened (p, p, C); the checkpoint's Conv2d patch embedding becomes a Linear at load.
 """
@@ -152,7 +153,7 @@ class AIMv2Packing(PackedVisionModel):
             raise ValueError(
                 f"this AIMv2 checkpoint has a learned position table for a {side}x{side} patch grid ({pixels}px "
                 f"images) but the batch has grids {foreign[:4]}; resize images to {pixels}x{pixels} (its processor, "
-                f"packvit.load_processor, does), or pass interpolate_pos_encoding=True to resize the table (beyond "
-                f"the reference)"
+                f"packvit.load_processor, does), or set model.interpolate_pos_encoding = True (from_pretrained(..., "
+                f"interpolate_pos_encoding=True)) to resize the table (beyond the reference)"
             )
         meta.position_lookup = TableLookup.build(meta.grid_thw, (side, side), "bicubic", meta.device)

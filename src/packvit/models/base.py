@@ -10,9 +10,11 @@ A family subclasses ``PackedVisionModel`` and supplies only what is its own:
 - ``embeddings(patches, meta)`` → the packed sequence ``[S, D]``, and ``pool(x, meta, prefix_tokens)``
   where the pooled output is not the ``head`` applied to the segments.
 
-The template (``forward``): validate → metadata (host, once) → embed → blocks → final norm →
-pool → split prefix and patch tokens → ``PackedVisionOutput``. Gradient checkpointing, compiled
-layers and the choice of hidden states to keep live here, once for all families.
+The template (``encode``): validate → metadata (host, once) → embed → blocks (or a caller's
+replacement for the stack: captured graphs) → final norm → split prefix and patch tokens → pool →
+``PackedVisionOutput``. Gradient checkpointing, compiled layers and the choice of hidden states to
+keep live here, once for all families. ``forward`` is ``model(batch)``; the earlier call forms are
+translated to the template in one place (``_compat_call``).
 
 Training goes through the same forward. Every block's recompute under gradient checkpointing
 reuses the pack's metadata; compiled blocks see only tensors of symbolic length (the segment
@@ -174,10 +176,12 @@ class PackedVisionModel(nn.Module):
     ``Model(config)`` builds random weights; ``Model(ckpt=dir_or_hub_id)`` or
     ``Model.from_pretrained(...)`` loads a checkpoint (bf16 on CUDA, float32 on the CPU, unless
     ``dtype`` says otherwise); ``config_overrides`` replace configuration fields, and the weights
-    must then match the architecture exactly (loading never changes the architecture silently).
+    must then match the architecture exactly (loading never changes the architecture silently);
+    ``interpolate_pos_encoding`` sets the attribute of that name.
 
     ``model(batch)`` with a ``PackedBatch`` (moved to the model's device and dtype here) returns a
-    ``PackedVisionOutput``. ``model(patches, grid_thw)`` is the tensor form (see ``forward``).
+    ``PackedVisionOutput``; ``encode`` is the template behind it. ``model(patches, grid_thw)`` is
+    the earlier tensor form (see ``forward``).
     """
 
     family: ClassVar[str] = ""
@@ -190,7 +194,8 @@ class PackedVisionModel(nn.Module):
     #: (``False``) the ``last_hidden_state`` tensor
     returns_output_by_default: ClassVar[bool] = False
 
-    def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None, **config_overrides):
+    def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None,
+                 interpolate_pos_encoding: bool = False, **config_overrides):
         super().__init__()
         if (config is None) == (ckpt is None):
             raise ValueError("pass a configuration to build random weights, or ckpt= to load a checkpoint, not both")
@@ -209,6 +214,9 @@ class PackedVisionModel(nn.Module):
             state = read_state_dict(directory)
             if not config_dict.get(PACKVIT_FORMAT_KEY):
                 state = self.map_checkpoint(state)
+        #: resize a learned position table made for one grid (AIMv2's fixed-size checkpoints) to the
+        #: pack's grids instead of refusing them (beyond the reference); read by ``prepare``
+        self.interpolate_pos_encoding = interpolate_pos_encoding
         #: attention backend name for every varlen call of this model (None: automatic)
         self.attention_backend: str | None = None
         #: run each encoder block through torch.compile: True, False, or None for automatic
@@ -390,8 +398,10 @@ class PackedVisionModel(nn.Module):
     # --- the forward template ----------------------------------------------------------------
 
     def prepare(self, inputs, patch_positions: torch.Tensor | None = None, *,
-                interpolate_pos_encoding: bool = False) -> PackMetadata:
-        """The metadata of a pack (a ``PackedBatch`` or a ``grid_thw``), on the model's device.
+                interpolate_pos_encoding: bool | None = None) -> PackMetadata:
+        """The metadata of a pack (a ``PackedBatch``, or a ``grid_thw`` with optional
+        ``patch_positions``), on the model's device. ``interpolate_pos_encoding``: ``None`` reads
+        the model's attribute.
 
         Built on the host from the grid, copied with non-blocking transfers; reads nothing back.
         """
@@ -399,6 +409,8 @@ class PackedVisionModel(nn.Module):
             grid_thw, patch_positions = inputs.grid_thw, inputs.patch_positions
         else:
             grid_thw = validate_grid_thw(inputs)
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = self.interpolate_pos_encoding
         self._check_frames(grid_thw)
         device, dtype, num_prefix = self.device, self.activation_dtype, self.num_prefix_tokens
         counts = item_token_counts(grid_thw)
@@ -432,39 +444,49 @@ class PackedVisionModel(nn.Module):
         inputs=None,
         grid_thw=None,
         patch_positions: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         *,
         metadata: PackMetadata | None = None,
         hidden_layers: Sequence[int] | None = None,
         hidden_states_only: bool = False,
         output_pooled: bool = True,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | None = None,
         hidden_states: torch.Tensor | None = None,
     ):
-        """Encodes a pack.
+        """Encodes a pack: ``model(batch)`` → ``PackedVisionOutput``.
 
-        ``inputs``: a ``PackedBatch`` (in the model's ``patch_layout``), or the patches
-        ``[total_patches, patch_dim]`` themselves with ``grid_thw [num_items, 3]`` (host) and, for
-        models that read them, ``patch_positions [total_patches, 3]``. Patches are moved to the
-        model's device and dtype. ``metadata``: a ``PackMetadata`` from ``prepare`` for these grids,
-        reused instead of built again. ``output_hidden_states``: every hidden state;
-        ``hidden_layers``: only these indices of them (0 = embeddings, -1 = last block).
-        ``hidden_states_only``: with ``hidden_layers``, compute those hidden states alone: no block
-        past the deepest one asked for runs, nor the final norm and the pooling (the output's
-        ``last_hidden_state``, ``prefix_tokens`` and ``pooler_output`` are ``None``).
+        ``batch``: a ``PackedBatch`` in the model's ``patch_layout`` (moved to the model's device and
+        dtype here). ``metadata``: a ``PackMetadata`` from ``prepare(batch)``, reused instead of
+        built again. ``hidden_layers``: the hidden states to return (0 = the embeddings, -1 = the
+        last block, before the final norm). ``hidden_states_only``: with ``hidden_layers``, those
+        hidden states alone: no block past the deepest of them runs, nor the final norm and the
+        pooling (``last_hidden_state``, ``prefix_tokens`` and ``pooler_output`` are ``None``).
         ``output_pooled=False``: the pooling head does not run (``pooler_output`` is ``None``).
-        ``interpolate_pos_encoding``: a learned fixed-grid position table (AIMv2 fixed-size
-        checkpoints) is resized to other grids instead of refusing them (beyond the reference).
 
-        The earlier packed models' call forms: the patches as ``hidden_states=``, and
-        ``patch_positions``, ``output_hidden_states``, ``return_dict`` also by position, in the order
-        of OneVision's published ``LlavaViTPackingModel.forward``.
-
-        Returns a ``PackedVisionOutput`` for a ``PackedBatch`` or ``return_dict=True``; with patches
-        and no ``return_dict``, what the family's published packed model returned
-        (``returns_output_by_default``): the output, or the ``last_hidden_state`` tensor.
+        The earlier call forms, translated by ``_compat_call`` (the only place they exist): the
+        patches ``[total_patches, patch_dim]`` (also as ``hidden_states=``) with ``grid_thw
+        [num_items, 3]`` and, for models that read them, ``patch_positions [total_patches, 3]``;
+        ``output_hidden_states`` (every hidden state); ``return_dict``; ``interpolate_pos_encoding``
+        for this call (see the model's attribute). ``patch_positions``, ``output_hidden_states``
+        and ``return_dict`` may be given by position, in the order of OneVision's published
+        ``LlavaViTPackingModel.forward``. Those forms return a ``PackedVisionOutput`` for a
+        ``PackedBatch`` or ``return_dict=True``; for patches without ``return_dict``, what the
+        family's published packed model returned (``returns_output_by_default``): the output, or
+        the ``last_hidden_state`` tensor.
         """
+        earlier = (grid_thw, patch_positions, output_hidden_states, return_dict, interpolate_pos_encoding, hidden_states)
+        if not isinstance(inputs, PackedBatch) or any(value is not None for value in earlier):
+            return self._compat_call(inputs, *earlier, metadata=metadata, hidden_layers=hidden_layers,
+                                     hidden_states_only=hidden_states_only, output_pooled=output_pooled)
+        return self.encode(inputs, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
+                           pool=output_pooled)
+
+    def _compat_call(self, inputs, grid_thw, patch_positions, output_hidden_states, return_dict,
+                     interpolate_pos_encoding, hidden_states, *, metadata, hidden_layers, hidden_states_only,
+                     output_pooled):
+        """The earlier call forms → ``encode``; a contradiction between them and the documented
+        keywords is refused, never resolved."""
         if hidden_states is not None:
             if inputs is not None:
                 raise ValueError("pass the patches once: as the first argument or as hidden_states=, not both")
@@ -472,38 +494,81 @@ class PackedVisionModel(nn.Module):
         if isinstance(inputs, PackedBatch):
             if grid_thw is not None or patch_positions is not None:
                 raise ValueError("pass a PackedBatch alone, or patches with grid_thw (and patch_positions), not both")
-            if inputs.patch_layout != self.patch_layout:
-                raise ValueError(
-                    f"the batch's patches are flattened {inputs.patch_layout!r} but {type(self).__name__} reads "
-                    f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
-                    f"batch with this model's processor: packvit.load_processor(model)"
-                )
-            patches, grid, patch_positions = inputs.patches, inputs.grid_thw, inputs.patch_positions
-            as_output = True if return_dict is None else return_dict
+            batch, as_output = inputs, return_dict is not False
         else:
-            if grid_thw is None:
+            if inputs is None or grid_thw is None:
                 raise ValueError("pass a PackedBatch, or patches [total_patches, patch_dim] with grid_thw [num_items, 3]")
-            patches, grid = inputs, validate_grid_thw(grid_thw)
+            batch = PackedBatch(inputs, grid_thw, self.patch_layout, patch_positions)
             as_output = self.returns_output_by_default if return_dict is None else return_dict
-        validate_patches(patches, grid, self.patch_dim)
-        if patches.device.type == "meta":
-            raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
-        if metadata is None:
-            metadata = self.prepare(grid, patch_positions, interpolate_pos_encoding=interpolate_pos_encoding)
-        else:
-            self._check_metadata(metadata, grid)
-        keep = list(range(self.num_hidden_layers + 1)) if output_hidden_states else []
-        if hidden_layers is not None:
-            keep = normalize_layer_indices(hidden_layers, self.num_hidden_layers)
-        if hidden_states_only and not keep:
-            raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
-        if hidden_states_only:
-            output = self._encode_hidden_states(patches, metadata, keep)
-        else:
-            output = self._encode(patches, metadata, keep, output_pooled)
+        if output_hidden_states:
+            if hidden_layers is not None:
+                raise ValueError(
+                    "output_hidden_states=True asks for every hidden state and hidden_layers for some of them; "
+                    "pass one of the two"
+                )
+            hidden_layers = range(self.num_hidden_layers + 1)
+        if interpolate_pos_encoding is not None and metadata is None:
+            metadata = self.prepare(batch, interpolate_pos_encoding=interpolate_pos_encoding)
+        output = self.encode(batch, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
+                             pool=output_pooled)
         if as_output:
             return output
         return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
+
+    def encode(self, batch: PackedBatch, *, metadata: PackMetadata | None = None, layers: Sequence[int] | None = None,
+               stop_early: bool = False, pool: bool = True, blocks=None) -> PackedVisionOutput:
+        """The forward template: check → metadata → embed → blocks → final norm → split → pool.
+
+        ``metadata``: from ``prepare(batch)``, or built here. ``layers``: the hidden states to keep
+        (indices as in ``forward``'s ``hidden_layers``); ``stop_early``: return those alone, running
+        no block past the deepest. ``pool=False``: no pooling head. ``blocks``: a callable
+        ``(x [S, D], metadata) -> [S, D]`` run in place of the block stack (the replay of captured
+        graphs); the sequence it returns must stay valid until the template has used it.
+        """
+        self._check_batch(batch)
+        if metadata is None:
+            metadata = self.prepare(batch)
+        else:
+            self._check_metadata(metadata, batch.grid_thw)
+        keep = [] if layers is None else normalize_layer_indices(layers, self.num_hidden_layers)
+        if stop_early and not keep:
+            raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
+        if blocks is not None and keep:
+            raise ValueError("a blocks= hook replaces the whole block stack, so it gives no hidden states; pass no layers")
+        patches = batch.patches.to(device=metadata.device, non_blocking=True).to(metadata.dtype)
+        x = self.embed(patches, metadata)  # [S, D]
+        if blocks is None:
+            x, kept = self.run_blocks(x, metadata, keep, num_blocks=max(keep) if stop_early else None)
+        else:
+            x, kept = blocks(x, metadata), {}
+        hidden = [self.split_prefix(kept[index], metadata) for index in keep]
+        hidden_states = tuple(h for h, _ in hidden) if keep else None
+        prefix_hidden_states = tuple(p for _, p in hidden) if keep and metadata.num_prefix_tokens else None
+        if stop_early:
+            return PackedVisionOutput(None, hidden_states=hidden_states, prefix_hidden_states=prefix_hidden_states)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        patch_tokens, prefix_tokens = self.split_prefix(x, metadata)
+        return PackedVisionOutput(
+            last_hidden_state=patch_tokens,
+            pooler_output=self.pool(x, metadata, prefix_tokens) if pool else None,
+            hidden_states=hidden_states,
+            prefix_tokens=prefix_tokens,
+            prefix_hidden_states=prefix_hidden_states,
+        )
+
+    def _check_batch(self, batch: PackedBatch) -> None:
+        if not isinstance(batch, PackedBatch):
+            raise ValueError(f"pass a PackedBatch (the model's processor makes one), got {type(batch).__name__}")
+        if batch.patch_layout != self.patch_layout:
+            raise ValueError(
+                f"the batch's patches are flattened {batch.patch_layout!r} but {type(self).__name__} reads "
+                f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
+                f"batch with this model's processor: packvit.load_processor(model)"
+            )
+        validate_patches(batch.patches, batch.grid_thw, self.patch_dim)
+        if batch.patches.device.type == "meta":
+            raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
 
     def _check_metadata(self, meta: PackMetadata, grid_thw: torch.Tensor) -> None:
         if not torch.equal(meta.grid_thw, grid_thw):
@@ -521,15 +586,13 @@ class PackedVisionModel(nn.Module):
             return checkpoint(call, x, meta.context, meta.rotary, use_reentrant=False, **self._checkpoint_kwargs)
         return call(x, meta.context, meta.rotary)
 
-    def run_blocks(self, patches: torch.Tensor, meta: PackMetadata, keep: Sequence[int],
+    def run_blocks(self, x: torch.Tensor, meta: PackMetadata, keep: Sequence[int] = (),
                    num_blocks: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Embeds ``patches`` and runs the first ``num_blocks`` blocks (all by default).
+        """The first ``num_blocks`` blocks (all by default) on the embedded sequence ``x [S, D]``.
 
         Returns the sequence ``[S, D]`` after the last block run, and ``{index: hidden state [S, D]}``
         for the indices in ``keep`` (0 = the embeddings). Nothing else is kept.
         """
-        patches = patches.to(device=meta.device, non_blocking=True).to(meta.dtype)
-        x = self.embed(patches, meta)  # [S, D]
         kept = {0: x} if 0 in keep else {}
         for index, block in enumerate(self.blocks[:num_blocks], start=1):
             x = self._run_block(block, x, meta)
@@ -543,27 +606,3 @@ class PackedVisionModel(nn.Module):
             return x, None
         prefix = x.index_select(0, meta.prefix_rows).view(meta.num_items, meta.num_prefix_tokens, x.shape[-1])
         return x.index_select(0, meta.patch_rows), prefix
-
-    def _encode(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int], output_pooled: bool) -> PackedVisionOutput:
-        x, kept = self.run_blocks(patches, meta, keep)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        patch_tokens, prefix_tokens = self.split_prefix(x, meta)
-        hidden = [self.split_prefix(kept[index], meta) for index in keep]
-        return PackedVisionOutput(
-            last_hidden_state=patch_tokens,
-            pooler_output=self.pool(x, meta, prefix_tokens) if output_pooled else None,
-            hidden_states=tuple(h for h, _ in hidden) if keep else None,
-            prefix_tokens=prefix_tokens,
-            prefix_hidden_states=tuple(p for _, p in hidden) if keep and meta.num_prefix_tokens else None,
-        )
-
-    def _encode_hidden_states(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int]) -> PackedVisionOutput:
-        """The hidden states ``keep`` alone: the blocks up to the deepest of them, nothing after."""
-        _, kept = self.run_blocks(patches, meta, keep, num_blocks=max(keep))
-        hidden = [self.split_prefix(kept[index], meta) for index in keep]
-        return PackedVisionOutput(
-            last_hidden_state=None,
-            hidden_states=tuple(h for h, _ in hidden),
-            prefix_hidden_states=tuple(p for _, p in hidden) if meta.num_prefix_tokens else None,
-        )
