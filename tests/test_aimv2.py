@@ -5,6 +5,7 @@ Every checkpoint is a random reference model saved with ``save_pretrained`` and 
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -266,7 +267,17 @@ def test_learned_config_without_table_is_rejected(checkpoints, tmp_path):
         (tmp_path / file.name).write_bytes(file.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"is_native": False}))
-    with pytest.raises(ValueError, match=r"missing \['embeddings.position_embedding.weight'\]"):
+    with pytest.raises(ValueError, match=r"is_native false .*missing \['embeddings.position_embedding.weight'\].*set is_native true"):
+        AIMv2Packing(ckpt=tmp_path, device="cpu")
+
+
+def test_native_config_with_a_table_names_is_native(checkpoints, tmp_path):
+    source = checkpoints["learned"]
+    for file in source.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"is_native": True}))
+    with pytest.raises(ValueError, match=r"is_native true .*unexpected \['embeddings.position_embedding.weight'\].*set is_native false"):
         AIMv2Packing(ckpt=tmp_path, device="cpu")
 
 
@@ -298,7 +309,7 @@ def test_incomplete_checkpoint_names_the_missing_tensor(tmp_path):
     missing = next(key for key in state if key.endswith("attention.k_proj.weight"))
     del state[missing]
     save_file(state, str(file))
-    with pytest.raises(ValueError, match=r"missing \['blocks\.\d+\.attn\.qkv\.weight'\]"):
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(missing)}'\], unexpected \[\] \(the checkpoint's names\)\. "):
         AIMv2Packing(ckpt=directory, device="cpu")
 
 

@@ -3,6 +3,7 @@ the attributes every model exposes; metadata reuse and hidden-layer selection; s
 errors of loading."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -249,3 +250,130 @@ def test_seed_loading_spellings(checkpoints):
         packvit.from_pretrained(ckpt, dtype=torch.float32, torch_dtype=torch.float32)
     with pytest.raises(ValueError, match="a packed model runs on one device"):
         packvit.from_pretrained(ckpt, device_map={"embeddings": "cpu", "blocks": "meta"})
+
+
+# --- what a pack's metadata and a batch's origin guard ------------------------------------------------
+
+
+def test_metadata_checks_everything_it_was_built_from(checkpoints):
+    from packvit.packing import token_positions
+
+    model = packvit.from_pretrained(checkpoint(checkpoints, "llava_vit"), device="cpu")
+    _, patches, grid_thw = seed_inputs(model, "llava_vit")
+    positions = token_positions(grid_thw)
+    batch_a = PackedBatch(patches, grid_thw, "cpp", positions)
+    batch_b = PackedBatch(patches, grid_thw, "cpp", positions * 2)  # same grid, other positions
+    meta = model.prepare(batch_a)
+    with torch.no_grad():
+        expected = model(batch_a).last_hidden_state
+        assert torch.equal(model(batch_a, metadata=meta).last_hidden_state, expected)
+        equal_copy = PackedBatch(patches, grid_thw, "cpp", positions.clone())  # equal host positions: the same pack
+        assert torch.equal(model(equal_copy, metadata=meta).last_hidden_state, expected)
+    with pytest.raises(ValueError, match=r"metadata was prepared for other patch_positions.*call model.prepare\(batch\)"):
+        model(batch_b, metadata=meta)
+    with pytest.raises(ValueError, match="metadata was prepared for other patch_positions"):
+        model(PackedBatch(patches, grid_thw, "cpp"), metadata=meta)
+    with pytest.raises(ValueError, match="metadata was prepared for other patch_positions"):
+        model(patches, grid_thw, patch_positions=positions * 2, metadata=meta)
+    model.attention_backend = "reference"
+    with pytest.raises(ValueError, match="prepared for the attention backend None and the model now has attention_backend='reference'"):
+        model(batch_a, metadata=meta)
+    model.attention_backend = None
+    siglip2 = packvit.from_pretrained(checkpoint(checkpoints, "siglip2"), device="cpu")
+    dinov3 = packvit.from_pretrained(checkpoint(checkpoints, "dinov3"), device="cpu")
+    image = PackedBatch(torch.randn(6, siglip2.patch_dim), [[1, 2, 3]])
+    with pytest.raises(ValueError, match="metadata was prepared by another model"):
+        siglip2(image, metadata=dinov3.prepare(image))
+    siglip2.interpolate_pos_encoding = True
+    with pytest.raises(ValueError, match="prepared with interpolate_pos_encoding=False and the model now has True"):
+        siglip2(image, metadata=siglip2.prepare(image, interpolate_pos_encoding=False))
+
+
+def test_image_families_refuse_patch_positions(checkpoints):
+    model = packvit.from_pretrained(checkpoint(checkpoints, "siglip2"), device="cpu")
+    batch = PackedBatch(torch.randn(6, model.patch_dim), [[1, 2, 3]], patch_positions=torch.zeros(6, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="has no use for patch_positions"):
+        model(batch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_of_another_family_is_refused(checkpoints, family):
+    from packvit.packing import BatchOrigin
+
+    model = packvit.from_pretrained(checkpoint(checkpoints, family), device="cpu")
+    patches, grid_thw = patchify(get_adapter(family).random_items([(2, 3)], model.patch_size, torch.Generator()),
+                                 model.patch_size, model.patch_layout)
+    other = "siglip2" if family != "siglip2" else "dinov3"
+    stranger = PackedBatch(patches, grid_thw, model.patch_layout, origin=BatchOrigin(other, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(ValueError, match=rf"made by the {other} processor.*is a {family} model.*packvit.load_processor\(model\)"):
+        model(stranger)
+    own = PackedBatch(patches, grid_thw, model.patch_layout, origin=BatchOrigin(family, (0.5,) * 3, (0.5,) * 3))
+    with torch.no_grad():
+        assert torch.equal(model(own).last_hidden_state, model(PackedBatch(patches, grid_thw, model.patch_layout)).last_hidden_state)
+
+
+# --- which files of a checkpoint folder are read ------------------------------------------------------
+
+
+def test_checkpoint_files_are_those_transformers_reads(checkpoints, tmp_path):
+    """model.safetensors, else the shards of model.safetensors.index.json; a stray *.safetensors beside
+    them is never merged in, a folder with only other names is refused, overlapping shards too."""
+    from safetensors.torch import load_file, save_file
+
+    source = checkpoint(checkpoints, "llava_vit")
+    state = load_file(str(source / "model.safetensors"))
+    reference = packvit.from_pretrained(source, device="cpu").state_dict()
+    stray = {key: value + 1 for key, value in state.items()}  # sorts after model.safetensors: it won before
+
+    def folder(name, files):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text((source / "config.json").read_text())
+        for file_name, tensors in files.items():
+            if file_name.endswith(".json"):
+                (directory / file_name).write_text(json.dumps(tensors))
+            else:
+                save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+        return directory
+
+    def loads_the_reference(directory):
+        loaded = packvit.from_pretrained(directory, device="cpu").state_dict()
+        return all(torch.equal(loaded[key], reference[key]) for key in reference)
+
+    assert loads_the_reference(folder("stray", {"model.safetensors": state, "model_old.safetensors": stray}))
+    with pytest.raises(ValueError, match=r"has neither model.safetensors nor model.safetensors.index.json.*"
+                                         r"\['model_old.safetensors'\]: rename the weights file"):
+        packvit.from_pretrained(folder("only_other", {"model_old.safetensors": state}), device="cpu")
+    names = sorted(state)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    shards = {"model-00001-of-00002.safetensors": {k: state[k] for k in first},
+              "model-00002-of-00002.safetensors": {k: state[k] for k in second}}
+    index = {"metadata": {}, "weight_map": {**dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+                                           **dict.fromkeys(second, "model-00002-of-00002.safetensors")}}
+    assert loads_the_reference(folder("sharded", {**shards, "model.safetensors.index.json": index,
+                                                  "zz_old.safetensors": stray}))
+    overlapping = {**shards, "model-00002-of-00002.safetensors": {**shards["model-00002-of-00002.safetensors"],
+                                                                   first[0]: stray[first[0]]}}
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(first[0])} is in both model-00001-of-00002.safetensors "
+                                         r"and model-00002-of-00002.safetensors"):
+        packvit.from_pretrained(folder("overlap", {**overlapping, "model.safetensors.index.json": index}), device="cpu")
+    missing_shard = {"model.safetensors.index.json": index, "model-00001-of-00002.safetensors": shards["model-00001-of-00002.safetensors"]}
+    with pytest.raises(ValueError, match=r"places .* in 'model-00002-of-00002.safetensors', which is not a file"):
+        packvit.from_pretrained(folder("missing_shard", missing_shard), device="cpu")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_mismatches_are_named_as_the_checkpoint_names_them(checkpoints, family, tmp_path):
+    """One absent key projection, one stray tensor: named as they are in the file, before any fusing,
+    and the present q/v projections of that layer are not called unexpected."""
+    from safetensors.torch import load_file, save_file
+
+    source = checkpoint(checkpoints, family)
+    state = load_file(str(source / "model.safetensors"))
+    absent = max((key for key in state if key.endswith("k_proj.weight")), key=lambda key: [int(p) for p in key.split(".") if p.isdigit()])
+    del state[absent]
+    state["extra.scale"] = torch.ones(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(absent)}'\], unexpected \['extra.scale'\] \(the checkpoint's names\)\. "):
+        packvit.from_pretrained(tmp_path, device="cpu")

@@ -5,8 +5,9 @@ A family subclasses ``PackedVisionModel`` and supplies only what is its own:
 - ``config_class`` (a ``VisionConfig``) and ``build(config)``, which creates ``embeddings``,
   ``blocks`` (``EncoderBlock``s), ``final_norm`` and ``head`` (either may be ``None``);
 - ``map_checkpoint(state)``: one visible function from checkpoint names to its own;
-- ``prepare_positions(meta, patch_positions, interpolate_pos_encoding)``: the position data of a
-  pack (rotary tables, position embeddings or table rows), filled into the pack's metadata;
+- ``prepare_positions(meta)``: the position data of a pack (rotary tables, position embeddings
+  or table rows), filled into the pack's metadata (which holds ``patch_positions`` and
+  ``interpolate_pos_encoding``);
 - ``embeddings(patches, meta)`` → the packed sequence ``[S, D]``, and ``pool(x, meta, prefix_tokens)``
   where the pooled output is not the ``head`` applied to the segments.
 
@@ -35,7 +36,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import read_config_dict, read_state_dict, resolve_checkpoint, write_checkpoint
+from ..checkpoint import (checkpoint_sources, mismatch_in_checkpoint_names, read_config_dict, read_state_dict,
+                          resolve_checkpoint, write_checkpoint)
 from ..layers import VarlenContext, run_layer
 from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
 from ..positions import RotaryTable, TableLookup
@@ -87,6 +89,11 @@ class PackMetadata:
     ``grid_thw`` and copied to the model's device: pass it back as ``model(..., metadata=meta)`` to
     reuse it (several forwards of one pack, a training step's recompute, captured graphs).
 
+    It records what it was built from, and a forward given it checks each against its own
+    inputs and settings: the ``grid_thw``, the ``patch_positions`` (the tensor given, or ``None``),
+    ``interpolate_pos_encoding``, ``device`` and ``dtype``, the attention backend
+    (``context.backend``) and ``model``, the model class and configuration.
+
     ``context``: attention segments (one per item: prefix tokens then patches). With prefix tokens,
     ``patch_rows [total_patches]`` and ``prefix_rows [num_items * P]`` are the sequence rows of the
     patches and of the prefix tokens, and ``source_index [S]`` the row of ``cat(prefix table,
@@ -99,6 +106,9 @@ class PackMetadata:
     context: VarlenContext
     device: torch.device
     dtype: torch.dtype
+    model: tuple[str, VisionConfig]
+    patch_positions: torch.Tensor | None = None
+    interpolate_pos_encoding: bool = False
     num_prefix_tokens: int = 0
     patch_rows: torch.Tensor | None = None
     prefix_rows: torch.Tensor | None = None
@@ -170,6 +180,35 @@ def normalize_layer_indices(hidden_layers: Sequence[int], num_layers: int) -> li
     return normalized
 
 
+def _same_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint map of packvit's own format: every tensor under its name."""
+    return dict(state)
+
+
+def _listed(names: Sequence[str], limit: int = 6) -> str:
+    """``['a', 'b', ...]``: the first ``limit`` names, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{list(names[:limit])}{more}"
+
+
+def _same_positions(prepared: torch.Tensor | None, given: torch.Tensor | None) -> bool:
+    """Whether the ``patch_positions`` a pack's metadata was built from are those given now:
+    the same tensor, or equal host tensors."""
+    if prepared is None or given is None:
+        return prepared is given
+    if prepared is given:
+        return True
+    on_host = prepared.device.type == "cpu" and given.device.type == "cpu"
+    return on_host and prepared.shape == given.shape and torch.equal(prepared, given)
+
+
+def _describe_positions(positions: torch.Tensor | None) -> str:
+    if positions is None:
+        return "none, positions from the grid"
+    where = "" if positions.device.type == "cpu" else f" on {positions.device}, compared as the same tensor"
+    return f"a [{positions.shape[0]}, 3] tensor{where}"
+
+
 class PackedVisionModel(nn.Module):
     """A vision transformer on packed sequences.
 
@@ -190,6 +229,8 @@ class PackedVisionModel(nn.Module):
     patch_layout: ClassVar[str] = "ppc"
     #: whether an item may have t > 1 frames (one attention segment per clip)
     takes_video: ClassVar[bool] = False
+    #: whether the positions come from ``patch_positions`` where a batch has them (else they are refused)
+    reads_patch_positions: ClassVar[bool] = False
     #: what ``model(patches, grid_thw)`` returns without ``return_dict``: the output object, or
     #: (``False``) the ``last_hidden_state`` tensor
     returns_output_by_default: ClassVar[bool] = False
@@ -209,11 +250,12 @@ class PackedVisionModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise ValueError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
-        state = None
+        state, source = None, None
         if config_dict is not None:
             state = read_state_dict(directory)
-            if not config_dict.get(PACKVIT_FORMAT_KEY):
-                state = self.map_checkpoint(state)
+            checkpoint_map = _same_names if config_dict.get(PACKVIT_FORMAT_KEY) else self.map_checkpoint
+            source = (checkpoint_map, set(state))
+            state = checkpoint_map(state)
         #: resize a learned position table made for one grid (AIMv2's fixed-size checkpoints) to the
         #: pack's grids instead of refusing them (beyond the reference); read by ``prepare``
         self.interpolate_pos_encoding = interpolate_pos_encoding
@@ -234,7 +276,7 @@ class PackedVisionModel(nn.Module):
         else:
             with torch.device("meta"):
                 self.build(config)
-            self._load_mapped_state(state, ckpt)
+            self._load_mapped_state(state, ckpt, source)
         if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
             device = self.device
         device = default_device(device)
@@ -258,23 +300,28 @@ class PackedVisionModel(nn.Module):
         """The configuration of a checkpoint's ``config.json``; ``ValueError`` for another family's."""
         return cls.config_class.from_dict(config_dict, **overrides)
 
-    def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt) -> None:
-        expected = set(self.state_dict().keys())
-        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-        if missing or unexpected:
+    def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt, source=None) -> None:
+        """Loads ``state`` (this model's names) into the model built on the meta device. ``source``:
+        ``(checkpoint_map, checkpoint tensor names)`` that gave it, so that a mismatch is reported
+        in the checkpoint's own names; ``None`` where ``state`` is already in the checkpoint's names."""
+        checkpoint_map, names = source or (_same_names, set(state))
+        shapes = {key: value.shape for key, value in self.state_dict().items()}
+        if state.keys() != shapes.keys():
+            missing, unexpected, unplaced = mismatch_in_checkpoint_names(checkpoint_map, names, set(shapes))
+            untraced = f"; no checkpoint tensor gives packvit's {_listed(unplaced)}" if unplaced else ""
             raise ValueError(
                 f"checkpoint {ckpt} does not match the {type(self).__name__} its config.json describes: missing "
-                f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                f"{'...' if len(unexpected) > 6 else ''}. The checkpoint is incomplete, or its config.json is of "
-                f"another variant (check use_head and num_hidden_layers); packvit never drops or adds modules to "
-                f"make weights fit"
+                f"{_listed(missing)}, unexpected {_listed(unexpected)} (the checkpoint's names){untraced}. The "
+                f"checkpoint is incomplete, or its config.json is of another variant (check use_head and "
+                f"num_hidden_layers); packvit never drops or adds modules to make weights fit"
             )
-        shapes = {key: value.shape for key, value in self.state_dict().items()}
         wrong = [key for key, value in state.items() if value.shape != shapes[key]]
         if wrong:
+            names_of = checkpoint_sources(checkpoint_map, names).get(wrong[0], (wrong[0],))
             raise ValueError(
-                f"checkpoint tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but the architecture in "
-                f"config.json needs {tuple(shapes[wrong[0]])}; the weights and config.json disagree"
+                f"checkpoint tensor {' + '.join(names_of)} gives {wrong[0]} the shape {tuple(state[wrong[0]].shape)} "
+                f"but the architecture in config.json needs {tuple(shapes[wrong[0]])}; the weights and config.json "
+                f"disagree"
             )
         self.load_state_dict(state, strict=True, assign=True)
 
@@ -334,8 +381,7 @@ class PackedVisionModel(nn.Module):
         """Checkpoint tensor names → this model's (``self.config`` is set)."""
         raise NotImplementedError
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions: torch.Tensor | None,
-                          interpolate_pos_encoding: bool) -> None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
         """Fills the pack's position data into ``meta``."""
 
     def embed(self, patches: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
@@ -412,12 +458,18 @@ class PackedVisionModel(nn.Module):
         if interpolate_pos_encoding is None:
             interpolate_pos_encoding = self.interpolate_pos_encoding
         self._check_frames(grid_thw)
+        if patch_positions is not None and not self.reads_patch_positions:
+            raise ValueError(
+                f"{type(self).__name__} places its patches by their grid and has no use for patch_positions; "
+                f"pass the batch without them (the OneVision Encoder is the family that reads them)"
+            )
         device, dtype, num_prefix = self.device, self.activation_dtype, self.num_prefix_tokens
         counts = item_token_counts(grid_thw)
         meta = PackMetadata(
             grid_thw=grid_thw,
             context=VarlenContext.from_lengths([num_prefix + n for n in counts], device, backend=self.attention_backend),
-            device=device, dtype=dtype, num_prefix_tokens=num_prefix,
+            device=device, dtype=dtype, model=self._metadata_owner, patch_positions=patch_positions,
+            interpolate_pos_encoding=bool(interpolate_pos_encoding), num_prefix_tokens=num_prefix,
         )
         if num_prefix:
             prefix_rows, patch_rows = prefix_token_index(counts, num_prefix)
@@ -428,8 +480,13 @@ class PackedVisionModel(nn.Module):
             maps = [torch.from_numpy(source_index), patch_rows, prefix_rows.flatten()]
             joined = to_device(torch.cat(maps), device).split([m.numel() for m in maps])
             meta.source_index, meta.patch_rows, meta.prefix_rows = joined
-        self.prepare_positions(meta, patch_positions, interpolate_pos_encoding)
+        self.prepare_positions(meta)
         return meta
+
+    @property
+    def _metadata_owner(self) -> tuple[str, VisionConfig]:
+        """What a pack's metadata depends on of the model besides device, dtype and backend."""
+        return self.family, self.config
 
     def _check_frames(self, grid_thw: torch.Tensor) -> None:
         if not self.takes_video and (grid_thw[:, 0] != 1).any():
@@ -507,10 +564,14 @@ class PackedVisionModel(nn.Module):
                     "pass one of the two"
                 )
             hidden_layers = range(self.num_hidden_layers + 1)
-        if interpolate_pos_encoding is not None and metadata is None:
-            metadata = self.prepare(batch, interpolate_pos_encoding=interpolate_pos_encoding)
-        output = self.encode(batch, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
-                             pool=output_pooled)
+        setting = self.interpolate_pos_encoding
+        if interpolate_pos_encoding is not None:  # the model's attribute, for this call
+            self.interpolate_pos_encoding = interpolate_pos_encoding
+        try:
+            output = self.encode(batch, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
+                                 pool=output_pooled)
+        finally:
+            self.interpolate_pos_encoding = setting
         if as_output:
             return output
         return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
@@ -529,7 +590,7 @@ class PackedVisionModel(nn.Module):
         if metadata is None:
             metadata = self.prepare(batch)
         else:
-            self._check_metadata(metadata, batch.grid_thw)
+            self._check_metadata(metadata, batch)
         keep = [] if layers is None else normalize_layer_indices(layers, self.num_hidden_layers)
         if stop_early and not keep:
             raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
@@ -566,18 +627,45 @@ class PackedVisionModel(nn.Module):
                 f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
                 f"batch with this model's processor: packvit.load_processor(model)"
             )
+        if batch.origin is not None and batch.origin.family != self.family:
+            raise ValueError(
+                f"the batch was made by the {batch.origin.family} processor, and {type(self).__name__} is a "
+                f"{self.family} model: its pixels are resized and normalised for another model (mean "
+                f"{batch.origin.image_mean}, std {batch.origin.image_std}); build the batch with this model's "
+                f"processor: packvit.load_processor(model)"
+            )
         validate_patches(batch.patches, batch.grid_thw, self.patch_dim)
         if batch.patches.device.type == "meta":
             raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
 
-    def _check_metadata(self, meta: PackMetadata, grid_thw: torch.Tensor) -> None:
-        if not torch.equal(meta.grid_thw, grid_thw):
-            raise ValueError("metadata was prepared for another grid_thw; call model.prepare(batch) for this batch")
+    def _check_metadata(self, meta: PackMetadata, batch: PackedBatch) -> None:
+        """``ValueError`` unless ``meta`` is what ``prepare(batch)`` would build now. Host values
+        only: positions on the device are compared by identity (a sync would be needed otherwise)."""
+        redo = "call model.prepare(batch) for this batch"
+        if meta.model != self._metadata_owner:
+            raise ValueError(f"metadata was prepared by another model (a {meta.model[0]} of another configuration); {redo}")
+        if meta.grid_thw is not batch.grid_thw and not torch.equal(meta.grid_thw, batch.grid_thw):
+            raise ValueError(f"metadata was prepared for another grid_thw; {redo}")
+        if not _same_positions(meta.patch_positions, batch.patch_positions):
+            raise ValueError(
+                f"metadata was prepared for other patch_positions ({_describe_positions(meta.patch_positions)}, the "
+                f"batch has {_describe_positions(batch.patch_positions)}); {redo}"
+            )
+        if meta.interpolate_pos_encoding != bool(self.interpolate_pos_encoding):
+            raise ValueError(
+                f"metadata was prepared with interpolate_pos_encoding={meta.interpolate_pos_encoding} and the model "
+                f"now has {bool(self.interpolate_pos_encoding)}; {redo}"
+            )
         if meta.device != self.device or meta.dtype != self.activation_dtype:
             raise ValueError(
                 f"metadata was prepared for {meta.device} {meta.dtype}, the model computes on {self.device} "
                 f"{self.activation_dtype}; call model.prepare(batch) again after moving the model or setting "
                 f"compute_dtype"
+            )
+        if meta.context.backend != self.attention_backend:
+            raise ValueError(
+                f"metadata was prepared for the attention backend {meta.context.backend!r} and the model now has "
+                f"attention_backend={self.attention_backend!r}; {redo}"
             )
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:

@@ -172,7 +172,7 @@ class DINOv3ViTPacking(PackedVisionModel):
             (r"^norm\.", "final_norm."),
         ])
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
         """RoPE table of the whole sequence, shared by all blocks: identity rows for prefix tokens."""
         config, device, dtype = self.config, meta.device, meta.dtype
         coordinates = to_device(normalized_patch_centres(meta.grid_thw), device)  # [total_patches, 2]
