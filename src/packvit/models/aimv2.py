@@ -164,6 +164,11 @@ class AIMv2Packing(PackedVisionModel):
             (r"^rms_norm\.", "final_norm."),
         ])
 
+    def placeholder_grid(self) -> torch.Tensor:
+        """One patch, or for a fixed-size checkpoint the one grid its learned table serves."""
+        side = 1 if self.config.is_native else self.config.learned_grid_side
+        return torch.tensor([[1, side, side]])
+
     def prepare_positions(self, meta: PackMetadata) -> None:
         config = self.config
         if config.is_native:

@@ -9,7 +9,9 @@ A family subclasses ``PackedVisionModel`` and supplies only what is its own:
   or table rows), filled into the pack's metadata (which holds ``patch_positions`` and
   ``interpolate_pos_encoding``);
 - ``embeddings(patches, meta)`` → the packed sequence ``[S, D]``, and ``pool(x, meta, prefix_tokens)``
-  where the pooled output is not the ``head`` applied to the segments.
+  where the pooled output is not the ``head`` applied to the segments;
+- what callers ask of a family instead of its name: the class attributes ``patch_layout``,
+  ``takes_video``, ``has_cls_token``, ``reads_patch_positions``, and ``placeholder_grid()``.
 
 The template (``encode``): validate → metadata (host, once) → embed → blocks (or a caller's
 replacement for the stack: captured graphs) → final norm → split prefix and patch tokens → pool →
@@ -229,6 +231,8 @@ class PackedVisionModel(nn.Module):
     patch_layout: ClassVar[str] = "ppc"
     #: whether an item may have t > 1 frames (one attention segment per clip)
     takes_video: ClassVar[bool] = False
+    #: whether the first prefix token of every item is a CLS token (``VisionTower``'s ``"cls_patch"``)
+    has_cls_token: ClassVar[bool] = False
     #: whether the positions come from ``patch_positions`` where a batch has them (else they are refused)
     reads_patch_positions: ClassVar[bool] = False
     #: what ``model(patches, grid_thw)`` returns without ``return_dict``: the output object, or
@@ -372,6 +376,11 @@ class PackedVisionModel(nn.Module):
         """Tokens (CLS, registers) placed before every item's patches; 0 for most families."""
         return 0
 
+    def placeholder_grid(self) -> torch.Tensor:
+        """The smallest ``grid_thw [1, 3]`` (host) the model accepts: one patch, unless its
+        positions serve one grid only."""
+        return torch.ones(1, 3, dtype=torch.int64)
+
     # --- family hooks ------------------------------------------------------------------------
 
     def build(self, config) -> None:
@@ -444,10 +453,11 @@ class PackedVisionModel(nn.Module):
     # --- the forward template ----------------------------------------------------------------
 
     def prepare(self, inputs, patch_positions: torch.Tensor | None = None, *,
-                interpolate_pos_encoding: bool | None = None) -> PackMetadata:
+                interpolate_pos_encoding: bool | None = None, context: VarlenContext | None = None) -> PackMetadata:
         """The metadata of a pack (a ``PackedBatch``, or a ``grid_thw`` with optional
         ``patch_positions``), on the model's device. ``interpolate_pos_encoding``: ``None`` reads
-        the model's attribute.
+        the model's attribute. ``context``: the pack's attention segments where they are already on
+        the device (a captured graph's static buffers), instead of copying them there.
 
         Built on the host from the grid, copied with non-blocking transfers; reads nothing back.
         """
@@ -465,9 +475,17 @@ class PackedVisionModel(nn.Module):
             )
         device, dtype, num_prefix = self.device, self.activation_dtype, self.num_prefix_tokens
         counts = item_token_counts(grid_thw)
+        lengths = [num_prefix + n for n in counts]
+        if context is None:
+            context = VarlenContext.from_lengths(lengths, device, backend=self.attention_backend)
+        elif list(context.segments.lengths) != lengths:
+            raise ValueError(
+                f"the attention segments given ({len(context.segments.lengths)} of {context.segments.total} tokens) "
+                f"are not this pack's ({len(lengths)} of {sum(lengths)}); build them from the pack's grid"
+            )
         meta = PackMetadata(
             grid_thw=grid_thw,
-            context=VarlenContext.from_lengths([num_prefix + n for n in counts], device, backend=self.attention_backend),
+            context=context,
             device=device, dtype=dtype, model=self._metadata_owner, patch_positions=patch_positions,
             interpolate_pos_encoding=bool(interpolate_pos_encoding), num_prefix_tokens=num_prefix,
         )

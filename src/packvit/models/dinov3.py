@@ -113,6 +113,7 @@ class DINOv3ViTPacking(PackedVisionModel):
 
     family = "dinov3"
     config_class = DINOv3Config
+    has_cls_token = True
     config: DINOv3Config
 
     @property
