@@ -238,3 +238,45 @@ def test_graphs_run_through_the_forward_template():
         graphed(stranger)
     with pytest.raises(ValueError, match="are not this pack's"):
         model.prepare(batch, context=pack.context_for([4, 4], None))
+
+
+def test_lazy_budgets_are_made_on_first_use():
+    """lazy=True (model(batch)'s automatic graphs): a budget's buffers (and graph) come with the first
+    pack that needs them; run() gives None for a pack that fits no budget; pool=False skips the head."""
+    model = tiny_model("siglip2")
+    graphed = GraphedEncoder(model, budgets=BUDGETS, max_items=MAX_ITEMS, lazy=True, fallback=False)
+    assert graphed.packs == {}
+    small, large = random_batch(model, [(1, 4, 4)]), random_batch(model, [(1, 12, 12)])
+    with torch.inference_mode():
+        out = graphed.run(small)
+        assert list(graphed.packs) == [32] and graphed.run(large) is None and list(graphed.packs) == [32]
+        unpooled = graphed.run(small, pool=False)
+        expected = model(small)
+    assert close(out.last_hidden_state, expected.last_hidden_state) and close(out.pooler_output, expected.pooler_output)
+    assert unpooled.pooler_output is None and torch.equal(unpooled.last_hidden_state, out.last_hidden_state)
+
+
+def test_automatic_graphs_are_a_runtime_mode_dropped_when_the_model_changes():
+    """model.cuda_graphs: on by default, a runtime mode; graphs apply on CUDA only (the CPU runs
+    eagerly), and moving or casting the model, loading new tensors or copying it drops those captured."""
+    import copy
+
+    model = tiny_model("dinov3")
+    assert model.cuda_graphs and "cuda_graphs" in model.RUNTIME_MODES
+    batch = random_batch(model, [(1, 3, 3)])
+    with torch.inference_mode():
+        model(batch)
+    assert model._auto_graphs is None  # the CPU: eager
+
+    def captured():
+        return ("key", GraphedEncoder(model, budgets=(32,), max_items=2, lazy=True, capture=False))
+
+    for change in (lambda: model.to(torch.float64), lambda: model.load_state_dict(model.state_dict())):
+        model._auto_graphs = captured()
+        change()
+        assert model._auto_graphs is None
+    model._auto_graphs = kept = captured()
+    assert copy.deepcopy(model)._auto_graphs is None and model._auto_graphs is kept
+    with model.runtime(cuda_graphs=False):  # off for a block: the graphs are kept for later
+        assert not model.cuda_graphs
+    assert model.cuda_graphs and model._auto_graphs is kept

@@ -34,6 +34,11 @@ pack's own ``cu_seqlens`` for the eager pooling (``StaticPack.context_for``); th
 rotary rows follow device to device. Nothing is read back from the device, so a replayed call
 makes no host sync.
 
+``model(batch)`` uses the same machinery without being asked (``PackedVisionModel.cuda_graphs``):
+in inference on CUDA, a pack of up to ``AUTO_MAX_ITEMS`` items that fits one of ``AUTO_BUDGETS``
+runs through a lazy ``GraphedEncoder`` of the model, each budget captured by the first pack that
+needs it.
+
 Limits: the blocks inside the graphs are eager (``compile_layers=True`` is refused; ``None``, the
 automatic setting, gives eager blocks in the graphs and applies to the fallback path); the
 attention backend is resolved once, at capture, and must be capturable (``reference`` reads the
@@ -48,19 +53,23 @@ graphs, which is how the CPU tests check them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .attention import select_backend
 from .layers import VarlenContext
-from .models.base import PackedVisionModel, PackedVisionOutput, PackMetadata
 from .packing import PackedBatch, SegmentLayout, host_staging, item_token_counts
 from .positions import RotaryTable
 
+if TYPE_CHECKING:  # the models import this module (their automatic graphs): no import back at run time
+    from .models.base import PackedVisionModel, PackedVisionOutput, PackMetadata
+
 __all__ = [
     "DEFAULT_BUDGETS",
+    "AUTO_BUDGETS",
+    "AUTO_MAX_ITEMS",
     "padded_segment_lengths",
     "select_budget",
     "graph_backend",
@@ -70,6 +79,10 @@ __all__ = [
 
 #: token budgets captured by default: packs of up to 4096 sequence tokens, at most 1.5x padding
 DEFAULT_BUDGETS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+#: the budgets and items per pack of ``model(batch)``'s automatic graphs (``model.cuda_graphs``): the
+#: latency-bound packs, where launches cost more than the padding to a budget
+AUTO_BUDGETS = (256, 384, 512, 768, 1024)
+AUTO_MAX_ITEMS = 8
 #: eager runs of the static forward on a side stream before each capture (kernel selection,
 #: FlashAttention 4's compilation, cuBLAS workspaces)
 WARMUP_RUNS = 3
@@ -222,20 +235,23 @@ class GraphedEncoder:
 
     ``GraphedEncoder(model, budgets=DEFAULT_BUDGETS, max_items=8)`` captures one graph per budget
     (sequence tokens, prefix tokens included) for packs of up to ``max_items`` items, largest
-    budget first, all sharing one memory pool. ``graphed(batch)`` returns what ``model(batch)``
-    returns for a ``PackedBatch``: a ``PackedVisionOutput`` with ``last_hidden_state``,
-    ``pooler_output`` and ``prefix_tokens``. ``capture``: ``None`` captures on CUDA and runs the
-    static-shape forward eagerly elsewhere; ``True`` requires CUDA; ``False`` never captures.
-    ``fallback``: packs that fit no budget run through ``model(batch)`` (``True``) or raise
-    ``ValueError`` (``False``). See the module documentation for the design and its limits.
+    budget first, all sharing one memory pool; with ``lazy=True`` each budget is captured when a
+    pack first needs it (``model(batch)``'s automatic graphs, ``model.cuda_graphs``).
+    ``graphed(batch)`` returns what ``model(batch)`` returns for a ``PackedBatch``: a
+    ``PackedVisionOutput`` with ``last_hidden_state``, ``pooler_output`` and ``prefix_tokens``.
+    ``capture``: ``None`` captures on CUDA and runs the static-shape forward eagerly elsewhere;
+    ``True`` requires CUDA; ``False`` never captures. ``fallback``: packs that fit no budget run
+    through ``model(batch)`` (``True``) or raise ``ValueError`` (``False``). See the module
+    documentation for the design and its limits.
 
     Sharing one pool, a replay may reuse the memory of another budget's static output: each call
     copies its rows out of its graph's output on the same stream before the next replay.
     """
 
     def __init__(self, model: PackedVisionModel, budgets: Sequence[int] = DEFAULT_BUDGETS, *, max_items: int = 8,
-                 capture: bool | None = None, fallback: bool = True):
-        if not isinstance(model, PackedVisionModel):
+                 capture: bool | None = None, fallback: bool = True, lazy: bool = False):
+        if not (isinstance(model, torch.nn.Module) and callable(getattr(model, "encode", None))
+                and hasattr(model, "placeholder_grid")):
             raise ValueError(f"GraphedEncoder takes a packvit model (PackedVisionModel), got {type(model).__name__}")
         if model.compile_layers:
             raise ValueError(
@@ -262,26 +278,36 @@ class GraphedEncoder:
         with torch.inference_mode():
             # the smallest pack the model takes tells the activation dtype and whether it has a rotary table
             probe = model.prepare(model.placeholder_grid())
-        self.device, self.dtype = probe.device, probe.dtype
+        self.device, self.dtype, self._rotary = probe.device, probe.dtype, probe.rotary
         if capture:
             backend = graph_backend(model, device, self.dtype)
         else:
             backend = select_backend(device, self.dtype, model.blocks[0].attn.head_dim, model.attention_backend)
         #: the attention backend of the static forward, fixed at construction
         self.backend = backend
-        with torch.no_grad():
-            self.packs = {budget: StaticPack(model, budget, max_items + 1, backend, self.dtype, probe.rotary)
-                          for budget in self.budgets}
-        if capture:
-            pool = torch.cuda.graph_pool_handle()
-            with torch.inference_mode():
-                for budget in reversed(self.budgets):
-                    self.packs[budget].capture(pool)
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        #: the static buffers (and graph) of each budget made so far
+        self.packs: dict[int, StaticPack] = {}
+        if not lazy:
+            for budget in reversed(self.budgets):
+                self._static_pack(budget)
+
+    def _static_pack(self, budget: int) -> StaticPack:
+        """The budget's static buffers, made (and captured) on first use."""
+        pack = self.packs.get(budget)
+        if pack is None:
+            with torch.no_grad():  # normal tensors: the buffers stay writable outside inference mode
+                pack = StaticPack(self.model, budget, self.max_items + 1, self.backend, self.dtype, self._rotary)
+            if self._pool is not None:
+                with torch.inference_mode():
+                    pack.capture(self._pool)
+            self.packs[budget] = pack
+        return pack
 
     @property
     def captured(self) -> bool:
         """Whether the budgets run as captured CUDA graphs (else the static forward runs eagerly)."""
-        return all(pack.graph is not None for pack in self.packs.values())
+        return self._pool is not None
 
     def budget_for(self, batch: PackedBatch) -> int | None:
         """The budget a pack runs in, or ``None`` when it fits none (then ``model(batch)`` serves it)."""
@@ -291,27 +317,35 @@ class GraphedEncoder:
 
     def __call__(self, batch: PackedBatch) -> PackedVisionOutput:
         """Encodes a pack: ``PackedVisionOutput`` as ``model(batch)``, the blocks in the pack's budget."""
-        model = self.model
         if not isinstance(batch, PackedBatch):
             raise ValueError(f"GraphedEncoder takes a PackedBatch (the model's processor makes one), got {type(batch).__name__}")
+        out = self.run(batch)
+        if out is not None:
+            return out
+        if not self.fallback:
+            raise ValueError(
+                f"a pack of {batch.num_items} items and {sum(batch.token_counts)} patches fits no captured budget "
+                f"(largest {self.budgets[-1]} tokens, at most {self.max_items} items); pass larger budgets or "
+                f"max_items, split the pack, or build the GraphedEncoder with fallback=True"
+            )
+        self.fallback_calls += 1
+        with torch.inference_mode():
+            return self.model(batch)
+
+    def run(self, batch: PackedBatch, *, pool: bool = True) -> PackedVisionOutput | None:
+        """The pack through the model's template with the blocks replayed in its budget, or
+        ``None`` when it fits no budget. ``pool=False``: no pooling head."""
         budget = self.budget_for(batch)
         if budget is None:
-            if not self.fallback:
-                raise ValueError(
-                    f"a pack of {batch.num_items} items and {sum(batch.token_counts)} patches fits no captured budget "
-                    f"(largest {self.budgets[-1]} tokens, at most {self.max_items} items); pass larger budgets or "
-                    f"max_items, split the pack, or build the GraphedEncoder with fallback=True"
-                )
-            self.fallback_calls += 1
-            with torch.inference_mode():
-                return model(batch)
+            return None
+        model = self.model
         if model.device != self.device or model.activation_dtype != self.dtype:
             raise ValueError(
                 f"the model now computes on {model.device} {model.activation_dtype} but was captured on {self.device} "
                 f"{self.dtype}; build a new GraphedEncoder after moving or casting the model"
             )
-        pack = self.packs[budget]
+        pack = self._static_pack(budget)
         lengths = [n + model.num_prefix_tokens for n in batch.token_counts]
         with torch.inference_mode():
             meta = model.prepare(batch, context=pack.context_for(lengths, model.attention_backend))
-            return model.encode(batch, metadata=meta, blocks=pack.replay)
+            return model.encode(batch, metadata=meta, pool=pool, blocks=pack.replay)

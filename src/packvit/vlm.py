@@ -117,12 +117,13 @@ def _cls_patch_index(patch_counts: list[int]) -> np.ndarray:
 @dataclass
 class TowerMetadata:
     """A pack's metadata for a ``VisionTower``, built on the host once: the model's metadata
-    (``model_metadata``), the output ``lengths`` per item and their host int32 ``cu_seqlens [N + 1]``, and
-    ``index`` (device int64), the rows the output gathers: ``[N + total_patches]`` for CLS +
+    (``model_metadata``; ``None``: the model builds its own in the forward, where it may run its
+    captured graphs), the output ``lengths`` per item and their host int32 ``cu_seqlens [N + 1]``,
+    and ``index`` (device int64), the rows the output gathers: ``[N + total_patches]`` for CLS +
     patches, ``[m*m, merged rows]`` for a spatial merge (row k: the k-th token of every block),
     ``None`` for the patch tokens as they are."""
 
-    model_metadata: PackMetadata
+    model_metadata: PackMetadata | None
     lengths: list[int]
     cu_seqlens: torch.Tensor
     index: torch.Tensor | None = None
@@ -215,22 +216,25 @@ class VisionTower(nn.Module):
     def prepare(self, batch: PackedBatch, model_metadata: PackMetadata | None = None) -> TowerMetadata:
         """The metadata of ``batch`` (host work and non-blocking copies only); ``model_metadata``: the
         model's metadata of this batch if already built (``model.prepare(batch)``)."""
-        if model_metadata is None:
-            model_metadata = self.model.prepare(batch)
+        return self._output_metadata(batch, self.model.prepare(batch) if model_metadata is None else model_metadata)
+
+    def _output_metadata(self, batch: PackedBatch, model_metadata: PackMetadata | None) -> TowerMetadata:
         lengths, index = self._layout(batch.grid_thw)
         cu_seqlens = SegmentLayout.from_lengths(lengths).cu_seqlens_host
         if index is not None and self.merge_size > 1:
             index = np.ascontiguousarray(index.reshape(-1, self.merge_size**2).T)  # [T * m²] → [m², T]
-        device_index = None if index is None else to_device(torch.from_numpy(index), model_metadata.device)
+        device_index = None if index is None else to_device(torch.from_numpy(index), self.model.device)
         return TowerMetadata(model_metadata, lengths, cu_seqlens, device_index)
 
     def forward(self, batch: PackedBatch, metadata: TowerMetadata | PackMetadata | None = None) -> TowerOutput:
         """``batch`` (a ``PackedBatch`` in the model's layout) → ``TowerOutput``; ``metadata`` from
-        ``prepare`` (or the model's ``PackMetadata``) is reused instead of built again."""
+        ``prepare`` (or the model's ``PackMetadata``) is reused instead of built again. Without it,
+        the model builds its own in its forward, where in inference it may run captured graphs
+        (``model.cuda_graphs``)."""
         if not isinstance(batch, PackedBatch):
             raise ValueError(f"a VisionTower takes a PackedBatch (the model's processor output), got {type(batch).__name__}")
         if not isinstance(metadata, TowerMetadata):
-            metadata = self.prepare(batch, metadata)
+            metadata = self._output_metadata(batch, metadata)
         if self.layers is None:
             out = self.model(batch, metadata=metadata.model_metadata, output_pooled=False)
             selected, prefixes = [out.last_hidden_state], [out.prefix_tokens]

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import (checkpoint_sources, mismatch_in_checkpoint_names, read_config_dict, read_state_dict,
                           resolve_checkpoint, write_checkpoint)
+from ..cuda_graphs import AUTO_BUDGETS, AUTO_MAX_ITEMS, GraphedEncoder, graph_backend
 from ..layers import VarlenContext, run_layer
 from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
 from ..positions import RotaryTable, TableLookup
@@ -275,6 +276,10 @@ class PackedVisionModel(nn.Module):
         #: (FSDP2 mixed precision keeps float32 parameters and computes in its param_dtype); None:
         #: the parameters' dtype
         self.compute_dtype: torch.dtype | None = None
+        #: the automatic graphs (cuda_graphs) and what they were made for, or None: (device, dtype,
+        #: attention backend, first parameter's storage) → GraphedEncoder (None: cannot be captured)
+        self._auto_graphs: tuple[tuple, GraphedEncoder | None] | None = None
+        self.cuda_graphs = True
         if state is None:
             self.build(config)
         else:
@@ -427,7 +432,56 @@ class PackedVisionModel(nn.Module):
     # --- runtime modes -----------------------------------------------------------------------
 
     #: the modes ``runtime`` sets: model attributes that change how a forward runs, not what it computes
-    RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing")
+    RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing",
+                                                "cuda_graphs")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether ``model(batch)`` in inference on CUDA runs small packs (up to ``AUTO_MAX_ITEMS``
+        items and ``AUTO_BUDGETS[-1]`` sequence tokens) through CUDA graphs of the block stack,
+        captured on first use per token budget (that first call takes the capture's time) and kept
+        until the model moves, is cast or loads new parameter tensors. The outputs are those of
+        the eager forward (``packvit.cuda_graphs``); memory: the static buffers and one shared
+        graph pool, the working set of the largest budget used. Packs with hidden states, given
+        ``metadata``, gradients, ``compile_layers=True`` or an attention backend that cannot be
+        captured run eagerly. Turned off, the graphs captured so far are kept for when it is turned
+        on again (``model.runtime(cuda_graphs=False)`` for a block); moving or casting the model frees them."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self._cuda_graphs = bool(enabled)
+
+    def _graphed(self, batch: PackedBatch, pool: bool) -> PackedVisionOutput | None:
+        """``model(batch)`` through the automatic graphs, or ``None`` where they do not apply."""
+        if not (self._cuda_graphs and not torch.is_grad_enabled() and self.compile_layers is not True):
+            return None
+        first = next(self.parameters())
+        if (first.device.type != "cuda" or type(first) is not nn.Parameter  # sharded (FSDP2) parameters: eager
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return None
+        key = (first.device, self.activation_dtype, self.attention_backend, first.data_ptr())
+        if self._auto_graphs is None or self._auto_graphs[0] != key:
+            try:
+                graph_backend(self, first.device, self.activation_dtype)
+            except ValueError:  # an attention backend that cannot be captured ('reference'): eager
+                graphs = None
+            else:
+                graphs = GraphedEncoder(self, AUTO_BUDGETS, max_items=AUTO_MAX_ITEMS, fallback=False, lazy=True)
+            self._auto_graphs = (key, graphs)
+        graphs = self._auto_graphs[1]
+        return graphs.run(batch, pool=pool) if graphs is not None else None
+
+    def _apply(self, fn, recurse=True):
+        self._auto_graphs = None  # moved or cast: the graphs read the old tensors
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._auto_graphs = None  # assign=True replaces the tensors the graphs read
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_auto_graphs": None}  # graphs are not copied (deepcopy, pickling)
 
     @contextlib.contextmanager
     def runtime(self, **modes):
@@ -554,6 +608,10 @@ class PackedVisionModel(nn.Module):
         if not isinstance(inputs, PackedBatch) or any(value is not None for value in earlier):
             return self._compat_call(inputs, *earlier, metadata=metadata, hidden_layers=hidden_layers,
                                      hidden_states_only=hidden_states_only, output_pooled=output_pooled)
+        if metadata is None and hidden_layers is None and not hidden_states_only:
+            graphed = self._graphed(inputs, output_pooled)  # small packs in inference on CUDA (cuda_graphs)
+            if graphed is not None:
+                return graphed
         return self.encode(inputs, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
                            pool=output_pooled)
 
