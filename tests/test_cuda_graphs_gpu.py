@@ -181,8 +181,8 @@ def test_one_image_call_is_faster_graphed_at_full_size(family, checkpoint_root):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_call_graphs_small_packs_by_default(family, checkpoint_root):
     """model(batch) in inference: small packs through graphs captured per budget on first use, the
-    eager forward's outputs, no host sync once captured; larger packs, hidden states and
-    gradients eager; a VisionTower's call graphed too; casting the model makes new graphs."""
+    eager forward's outputs, no host sync once captured; larger packs and hidden states eager; a
+    VisionTower's call and the earlier tensor form graphed too; casting the model makes new graphs."""
     from packvit.cuda_graphs import AUTO_BUDGETS
     from packvit.vlm import VisionTower
 
@@ -214,8 +214,9 @@ def test_model_call_graphs_small_packs_by_default(family, checkpoint_root):
         run = graphs.run
         graphs.run = lambda *args, **kwargs: served.append(1) or run(*args, **kwargs)
         tower_out = VisionTower(packed)(small[1]).features
+        packed(hidden_states=small[1].patches, grid_thw=small[1].grid_thw, return_dict=True)  # the earlier form too
         packed(small[1], hidden_layers=[1])  # hidden states: eager
-        assert served == [1]
+        assert served == [1, 1]
         with packed.runtime(cuda_graphs=False):
             assert torch.nn.functional.cosine_similarity(VisionTower(packed)(small[1]).features.float().flatten(),
                                                          tower_out.float().flatten(), dim=0).item() >= 0.9999

@@ -3,8 +3,10 @@ family's checkpoint map is written with.
 
 A checkpoint is a directory holding ``config.json`` and ``model.safetensors`` or, sharded,
 ``model.safetensors.index.json`` and its shards (the transformers layout), or a hub id fetched into
-the local cache when ``huggingface_hub`` is installed. A family maps the checkpoint's tensor names to its own with one visible function built
-from ``strip_prefix``, ``rename``, ``fuse_linear`` and ``conv_to_linear``.
+the local cache when ``huggingface_hub`` is installed. A family maps the checkpoint's tensor names
+to its own with one visible function built from ``strip_prefix``, ``rename``, ``fuse_linear`` and
+``conv_to_linear``; a checkpoint that does not fit is reported in its own names
+(``mismatch_in_checkpoint_names``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def checkpoint_files(directory: Path) -> dict[Path, set[str] | None]:
 
 
 def _read_file(file: Path, expected: set[str] | None, read) -> set[str]:
-    """``read(handle)`` over one safetensors file; its tensor names, checked against the index's."""
+    """``read(handle, names)`` over one safetensors file; its tensor names, checked against the index's."""
     from safetensors import safe_open
 
     try:

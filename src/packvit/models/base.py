@@ -95,7 +95,7 @@ class PackMetadata:
     It records what it was built from, and a forward given it checks each against its own
     inputs and settings: the ``grid_thw``, the ``patch_positions`` (the tensor given, or ``None``),
     ``interpolate_pos_encoding``, ``device`` and ``dtype``, the attention backend
-    (``context.backend``) and ``model``, the model class and configuration.
+    (``context.backend``) and ``model``, the family and configuration of the model.
 
     ``context``: attention segments (one per item: prefix tokens then patches). With prefix tokens,
     ``patch_rows [total_patches]`` and ``prefix_rows [num_items * P]`` are the sequence rows of the
@@ -608,12 +608,15 @@ class PackedVisionModel(nn.Module):
         if not isinstance(inputs, PackedBatch) or any(value is not None for value in earlier):
             return self._compat_call(inputs, *earlier, metadata=metadata, hidden_layers=hidden_layers,
                                      hidden_states_only=hidden_states_only, output_pooled=output_pooled)
-        if metadata is None and hidden_layers is None and not hidden_states_only:
-            graphed = self._graphed(inputs, output_pooled)  # small packs in inference on CUDA (cuda_graphs)
+        return self._run(inputs, metadata, hidden_layers, hidden_states_only, output_pooled)
+
+    def _run(self, batch: PackedBatch, metadata: PackMetadata | None, layers, stop_early: bool, pool: bool):
+        """``encode``, or the automatic graphs where they apply (small packs in inference on CUDA)."""
+        if metadata is None and layers is None and not stop_early:
+            graphed = self._graphed(batch, pool)
             if graphed is not None:
                 return graphed
-        return self.encode(inputs, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
-                           pool=output_pooled)
+        return self.encode(batch, metadata=metadata, layers=layers, stop_early=stop_early, pool=pool)
 
     def _compat_call(self, inputs, grid_thw, patch_positions, output_hidden_states, return_dict,
                      interpolate_pos_encoding, hidden_states, *, metadata, hidden_layers, hidden_states_only,
@@ -644,8 +647,7 @@ class PackedVisionModel(nn.Module):
         if interpolate_pos_encoding is not None:  # the model's attribute, for this call
             self.interpolate_pos_encoding = interpolate_pos_encoding
         try:
-            output = self.encode(batch, metadata=metadata, layers=hidden_layers, stop_early=hidden_states_only,
-                                 pool=output_pooled)
+            output = self._run(batch, metadata, hidden_layers, hidden_states_only, output_pooled)
         finally:
             self.interpolate_pos_encoding = setting
         if as_output:
