@@ -5,6 +5,7 @@ Every checkpoint is a random reference model saved with ``save_pretrained`` and 
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -177,6 +178,32 @@ def test_interpolated_table_matches_reference_built_at_that_size(models, tmp_pat
             assert (out.pooler_output[i] - reference[i].pooled).abs().max() <= ATOL
 
 
+def test_interpolation_is_model_state(checkpoints, models):
+    """model.interpolate_pos_encoding (set directly, through from_pretrained or a VisionTower) serves
+    model(batch) as the per-call keyword does; the per-call keyword overrides it."""
+    from packvit.packing import PackedBatch
+    from packvit.vlm import VisionTower
+
+    _, packed_model = models["learned"]
+    batch = PackedBatch(*patchify(items_for([(3, 7), (4, 4)]), PATCH))
+    expected = packed_model(batch.patches, batch.grid_thw, interpolate_pos_encoding=True)
+    model = AIMv2Packing.from_pretrained(checkpoints["learned"], device="cpu", interpolate_pos_encoding=True)
+    assert model.interpolate_pos_encoding and torch.equal(model(batch).last_hidden_state, expected)
+    assert torch.equal(packvit.from_pretrained(checkpoints["learned"], interpolate_pos_encoding=True)(batch).last_hidden_state,
+                       expected)
+    with pytest.raises(ValueError, match="learned position table"):
+        model(batch, interpolate_pos_encoding=False)
+    assert not packed_model.interpolate_pos_encoding
+    with pytest.raises(ValueError, match="learned position table"):
+        packed_model(batch)
+    model = AIMv2Packing.from_pretrained(checkpoints["learned"], device="cpu")
+    VisionTower(model, interpolate_pos_encoding=True)
+    assert torch.equal(model(batch).last_hidden_state, expected)
+    model.interpolate_pos_encoding = False
+    with pytest.raises(ValueError, match="learned position table"):
+        model.prepare(batch)
+
+
 def test_interpolation_serves_non_square_grids(models):
     _, packed_model = models["learned"]
     patches, grid_thw = patchify(items_for([(3, 7), (4, 4), (3, 7)]), PATCH)
@@ -240,7 +267,17 @@ def test_learned_config_without_table_is_rejected(checkpoints, tmp_path):
         (tmp_path / file.name).write_bytes(file.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"is_native": False}))
-    with pytest.raises(ValueError, match=r"missing \['embeddings.position_embedding.weight'\]"):
+    with pytest.raises(ValueError, match=r"is_native false .*missing \['embeddings.position_embedding.weight'\].*set is_native true"):
+        AIMv2Packing(ckpt=tmp_path, device="cpu")
+
+
+def test_native_config_with_a_table_names_is_native(checkpoints, tmp_path):
+    source = checkpoints["learned"]
+    for file in source.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"is_native": True}))
+    with pytest.raises(ValueError, match=r"is_native true .*unexpected \['embeddings.position_embedding.weight'\].*set is_native false"):
         AIMv2Packing(ckpt=tmp_path, device="cpu")
 
 
@@ -272,7 +309,7 @@ def test_incomplete_checkpoint_names_the_missing_tensor(tmp_path):
     missing = next(key for key in state if key.endswith("attention.k_proj.weight"))
     del state[missing]
     save_file(state, str(file))
-    with pytest.raises(ValueError, match=r"missing \['blocks\.\d+\.attn\.qkv\.weight'\]"):
+    with pytest.raises(ValueError, match=rf"missing \['{re.escape(missing)}'\], unexpected \[\] \(the checkpoint's names\)\. "):
         AIMv2Packing(ckpt=directory, device="cpu")
 
 

@@ -149,11 +149,12 @@ def test_load_writes_the_pack_into_the_static_buffers_in_place(family):
     assert pack.context.cu_seqlens is pack.cu_seqlens and pack.context.max_seqlen == 64
     for grids in ([(1, 3, 5), (1, 2, 2)], [(1, 6, 7)]):
         batch = random_batch(model, grids)
+        lengths = [n + model.num_prefix_tokens for n in batch.token_counts]
         with torch.inference_mode():
-            meta = model.prepare(batch)
+            meta = model.prepare(batch, context=pack.context_for(lengths, model.attention_backend))
             x = model.embed(batch.patches, meta)
             pack.load(x, meta)
-        lengths = list(meta.context.segments.lengths)
+        assert list(meta.context.segments.lengths) == lengths
         total = sum(lengths)
         expected_lengths = padded_segment_lengths(lengths, 64, MAX_ITEMS + 1)
         assert pack.cu_seqlens.dtype == torch.int32
@@ -206,3 +207,76 @@ def test_refusals():
         graphed(PackedBatch(batch.patches, batch.grid_thw, "cpp"))
     with pytest.raises(ValueError, match="takes a PackedBatch"):
         graphed(batch.patches)
+
+
+def test_graphs_run_through_the_forward_template():
+    """The graphed call is model.encode with the replay as its blocks= hook: the template's own
+    checks apply (a batch another family's processor made is refused), and the pack's metadata is
+    prepared on the budget's static buffers (its cu_seqlens and pooling offsets are views of them,
+    not a second copy)."""
+    from packvit.packing import BatchOrigin
+
+    model = tiny_model("siglip2")
+    graphed = GraphedEncoder(model, budgets=(64,), max_items=MAX_ITEMS)
+    batch = random_batch(model, [(1, 3, 5), (1, 2, 2)])
+    prepared, encoded = [], []
+    prepare, encode = model.prepare, model.encode
+    model.prepare = lambda *args, **kwargs: prepared.append(prepare(*args, **kwargs)) or prepared[-1]
+    model.encode = lambda *args, **kwargs: encoded.append(kwargs) or encode(*args, **kwargs)
+    with torch.inference_mode():
+        out = graphed(batch)
+    (meta,), (call,) = prepared, encoded
+    pack = graphed.packs[64]
+    assert call["metadata"] is meta and call["blocks"] == pack.replay
+    assert meta.context.cu_seqlens.data_ptr() == pack.cu_seqlens.data_ptr() and meta.context.cu_seqlens.shape == (3,)
+    assert meta.context.pool_cu_seqlens.data_ptr() == pack.pool_offsets.data_ptr()
+    assert meta.context.cu_seqlens.tolist() == [0, 15, 19] and meta.context.max_seqlen == 15
+    with torch.inference_mode():
+        assert close(out.pooler_output, model(batch).pooler_output)
+    stranger = PackedBatch(batch.patches, batch.grid_thw, origin=BatchOrigin("dinov3", (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(ValueError, match="made by the dinov3 processor"):
+        graphed(stranger)
+    with pytest.raises(ValueError, match="are not this pack's"):
+        model.prepare(batch, context=pack.context_for([4, 4], None))
+
+
+def test_lazy_budgets_are_made_on_first_use():
+    """lazy=True (model(batch)'s automatic graphs): a budget's buffers (and graph) come with the first
+    pack that needs them; run() gives None for a pack that fits no budget; pool=False skips the head."""
+    model = tiny_model("siglip2")
+    graphed = GraphedEncoder(model, budgets=BUDGETS, max_items=MAX_ITEMS, lazy=True, fallback=False)
+    assert graphed.packs == {}
+    small, large = random_batch(model, [(1, 4, 4)]), random_batch(model, [(1, 12, 12)])
+    with torch.inference_mode():
+        out = graphed.run(small)
+        assert list(graphed.packs) == [32] and graphed.run(large) is None and list(graphed.packs) == [32]
+        unpooled = graphed.run(small, pool=False)
+        expected = model(small)
+    assert close(out.last_hidden_state, expected.last_hidden_state) and close(out.pooler_output, expected.pooler_output)
+    assert unpooled.pooler_output is None and torch.equal(unpooled.last_hidden_state, out.last_hidden_state)
+
+
+def test_automatic_graphs_are_a_runtime_mode_dropped_when_the_model_changes():
+    """model.cuda_graphs: on by default, a runtime mode; graphs apply on CUDA only (the CPU runs
+    eagerly), and moving or casting the model, loading new tensors or copying it drops those captured."""
+    import copy
+
+    model = tiny_model("dinov3")
+    assert model.cuda_graphs and "cuda_graphs" in model.RUNTIME_MODES
+    batch = random_batch(model, [(1, 3, 3)])
+    with torch.inference_mode():
+        model(batch)
+    assert model._auto_graphs is None  # the CPU: eager
+
+    def captured():
+        return ("key", GraphedEncoder(model, budgets=(32,), max_items=2, lazy=True, capture=False))
+
+    for change in (lambda: model.to(torch.float64), lambda: model.load_state_dict(model.state_dict())):
+        model._auto_graphs = captured()
+        change()
+        assert model._auto_graphs is None
+    model._auto_graphs = kept = captured()
+    assert copy.deepcopy(model)._auto_graphs is None and model._auto_graphs is kept
+    with model.runtime(cuda_graphs=False):  # off for a block: the graphs are kept for later
+        assert not model.cuda_graphs
+    assert model.cuda_graphs and model._auto_graphs is kept

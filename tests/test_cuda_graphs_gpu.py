@@ -85,7 +85,9 @@ def test_graphed_outputs_equal_the_model(family, dtype, checkpoint_root):
                 items = [x.cuda().to(dtype) for x in adapter.random_items(group, packed.patch_size, generator)]
                 batch = adapter.pack(items, packed)
                 assert graphed.budget_for(batch) == budget
-                expected, out = per_item(packed(batch), batch), per_item(graphed(batch), batch)
+                with packed.runtime(cuda_graphs=False):  # the eager forward
+                    expected = per_item(packed(batch), batch)
+                out = per_item(graphed(batch), batch)
                 for reference, output in zip(expected, out):
                     if dtype == torch.float32:
                         difference = (reference - output).abs().max().item()
@@ -141,7 +143,9 @@ def median_latency_ms(call, batch) -> float:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_image_call_is_faster_graphed_at_full_size(family, checkpoint_root):
     """One 16x16-patch image per call, bf16, full-size random weights: model(batch) with eager
-    layers against one graph of budget 384 (the bench's online workload adds compiled layers)."""
+    layers and no graphs, against one GraphedEncoder graph of budget 384 and against the default
+    model(batch), whose automatic graphs capture the image's budget on the first call (the memory
+    that takes is reported)."""
     adapter = get_adapter(family)
     packed = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="full"), torch.device("cuda"),
                                  torch.bfloat16)
@@ -150,13 +154,76 @@ def test_one_image_call_is_faster_graphed_at_full_size(family, checkpoint_root):
     start = time.perf_counter()
     graphed = GraphedEncoder(packed, budgets=(384,), max_items=1)
     capture_s = time.perf_counter() - start
-    packed.compile_layers = False
     with torch.inference_mode():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        packed(batch)  # the automatic graphs: captures the budget
+        torch.cuda.synchronize()
+        auto_capture_s, auto_mib = time.perf_counter() - start, (torch.cuda.memory_allocated() - before) / 2**20
+        default_ms = median_latency_ms(packed, batch)
+        (default_out,) = per_item(packed(batch), batch)
+        with packed.runtime(cuda_graphs=False, compile_layers=False):
+            eager_ms = median_latency_ms(packed, batch)
+            (expected,) = per_item(packed(batch), batch)
         graphed_ms = median_latency_ms(graphed, batch)
-        eager_ms = median_latency_ms(packed, batch)
-        (expected,), (out,) = per_item(packed(batch), batch), per_item(graphed(batch), batch)
+        (out,) = per_item(graphed(batch), batch)
     cosine = torch.nn.functional.cosine_similarity(expected, out, dim=0).item()
+    default_cosine = torch.nn.functional.cosine_similarity(expected, default_out, dim=0).item()
     report({"test": "one_image_latency", "family": family, "tokens": sum(batch.token_counts), "backend": graphed.backend,
-            "capture_s": capture_s, "graphed_ms": graphed_ms, "eager_ms": eager_ms, "cosine": cosine})
-    assert cosine >= 0.999
-    assert graphed_ms < eager_ms
+            "capture_s": capture_s, "graphed_ms": graphed_ms, "eager_ms": eager_ms, "cosine": cosine,
+            "default_ms": default_ms, "default_cosine": default_cosine, "auto_capture_s": auto_capture_s,
+            "auto_graph_mib": auto_mib})
+    assert cosine >= 0.999 and default_cosine >= 0.999
+    assert graphed_ms < eager_ms and default_ms < eager_ms
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_call_graphs_small_packs_by_default(family, checkpoint_root):
+    """model(batch) in inference: small packs through graphs captured per budget on first use, the
+    eager forward's outputs, no host sync once captured; larger packs and hidden states eager; a
+    VisionTower's call and the earlier tensor form graphed too; casting the model makes new graphs."""
+    from packvit.cuda_graphs import AUTO_BUDGETS
+    from packvit.vlm import VisionTower
+
+    adapter = get_adapter(family)
+    packed = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), torch.device("cuda"),
+                                 torch.bfloat16)
+    generator = torch.Generator().manual_seed(7)
+    small = [adapter.pack([x.cuda().bfloat16() for x in adapter.random_items(grids, packed.patch_size, generator)], packed)
+             for grids in ([(1, 9, 11)], [(1, 4, 4), (1, 6, 3), (1, 2, 2)], [(1, 20, 25)])]
+    large = adapter.pack([x.cuda().bfloat16() for x in adapter.random_items([(1, 40, 40)], packed.patch_size, generator)],
+                         packed)
+    with torch.inference_mode():
+        for batch in small + [large]:
+            with packed.runtime(cuda_graphs=False):
+                expected = per_item(packed(batch), batch)
+            out = per_item(packed(batch), batch)
+            assert min(torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(expected, out)) >= 0.9999
+        key, graphs = packed._auto_graphs
+        budgets = {graphs.budget_for(batch) for batch in small}
+        assert graphs.captured and set(graphs.packs) == budgets and budgets <= set(AUTO_BUDGETS)
+        assert graphs.budget_for(large) is None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            packed(PackedBatch(small[0].patches, small[0].grid_thw.clone(), small[0].patch_layout))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        served = []
+        run = graphs.run
+        graphs.run = lambda *args, **kwargs: served.append(1) or run(*args, **kwargs)
+        tower_out = VisionTower(packed)(small[1]).features
+        packed(hidden_states=small[1].patches, grid_thw=small[1].grid_thw, return_dict=True)  # the earlier form too
+        packed(small[1], hidden_layers=[1])  # hidden states: eager
+        assert served == [1, 1]
+        with packed.runtime(cuda_graphs=False):
+            assert torch.nn.functional.cosine_similarity(VisionTower(packed)(small[1]).features.float().flatten(),
+                                                         tower_out.float().flatten(), dim=0).item() >= 0.9999
+    packed.float()
+    with torch.inference_mode():
+        out = packed(small[0])
+        assert packed._auto_graphs[0] != key and packed._auto_graphs[1].dtype == torch.float32
+        with packed.runtime(cuda_graphs=False):
+            expected = packed(small[0])
+    assert (out.last_hidden_state - expected.last_hidden_state).abs().max().item() <= 1e-4

@@ -7,6 +7,7 @@ through packvit's own loading path.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -187,6 +188,25 @@ def test_vision_only_checkpoint_with_and_without_prefix(tmp_path, checkpoint):
     with torch.no_grad():
         expected = Siglip2NaflexPacking(ckpt=checkpoint, device="cpu")(patches, grid_thw)
         assert torch.equal(Siglip2NaflexPacking(ckpt=tmp_path, device="cpu")(patches, grid_thw), expected)
+
+
+def test_a_stray_tensor_is_reported_in_the_checkpoint_names(tmp_path, checkpoint):
+    """One extra tensor (here one that looks like a prefixed layout's) is the one unexpected name,
+    in a vision-only checkpoint with or without the prefix; nothing else is called missing."""
+    state = load_file(str(checkpoint / "model.safetensors"))
+    prefix = "vision_model." if any(key.startswith("vision_model.") for key in state) else ""
+    for stray in ("vision_model.stray.weight", "stray.weight"):
+        directory = tmp_path / stray
+        directory.mkdir()
+        save_file({**state, stray: torch.zeros(2)}, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text((checkpoint / "config.json").read_text())
+        with pytest.raises(ValueError, match=rf"missing \[\], unexpected \['{re.escape(stray)}'\]"):
+            Siglip2NaflexPacking(ckpt=directory, device="cpu")
+    del state[f"{prefix}encoder.layers.1.mlp.fc2.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    with pytest.raises(ValueError, match=rf"missing \['{prefix}encoder.layers.1.mlp.fc2.bias'\], unexpected \[\]"):
+        Siglip2NaflexPacking(ckpt=tmp_path, device="cpu")
 
 
 def test_model_without_head(tmp_path):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import packvit
 from packvit.harness import FAMILIES, get_adapter
-from packvit.vlm import CLS_FAMILIES, VisionTower, param_groups, placeholder_batch, spatial_merge_index
+from packvit.vlm import VisionTower, param_groups, placeholder_batch, spatial_merge_index
 
 CPU = torch.device("cpu")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "vlm.md"
@@ -82,7 +82,7 @@ def test_selected_layers_without_later_blocks(checkpoints, family):
 def test_cls_patch_where_there_is_a_cls_token(checkpoints, family):
     model = load(checkpoints, family)
     batch = pack(model, [(2, 3), (1, 1), (3, 2)])
-    if family not in CLS_FAMILIES:
+    if not model.has_cls_token:
         with pytest.raises(ValueError, match=rf"{family} has no CLS token \(the families with one: dinov3\)"):
             VisionTower(model, select_feature="cls_patch")
         assert model.num_prefix_tokens == 0
@@ -136,7 +136,7 @@ def test_metadata_is_prepared_once_and_reused(checkpoints):
     model.prepare = lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs)
     with torch.no_grad():
         reused = tower(batch, metadata=meta)
-        from_pack = tower(batch, metadata=meta.pack)
+        from_pack = tower(batch, metadata=meta.model_metadata)
     assert prepared == []  # neither call built the model's metadata again
     fresh = VisionTower(model, select_layer=-2, spatial_merge=2)(batch)
     assert torch.equal(reused.features, fresh.features) and torch.equal(from_pack.features, fresh.features)

@@ -6,9 +6,11 @@
 the smallest budget ``B`` it fits: its tokens are copied into a static ``[B, D]`` buffer and the
 rest of the buffer becomes filler segments, so the captured graph always sees the same shapes.
 
-The graph holds the block stack alone, the many small launches of a forward. The embeddings, the
-pack's metadata (``model.prepare``), the final norm and the pooling run eagerly around it, as in
-``model(batch)``. Per budget the static inputs are
+The graph holds the block stack alone, the many small launches of a forward. Everything else is
+``model(batch)``'s own template (``PackedVisionModel.encode``): its checks, the pack's metadata,
+the embeddings, the final norm, the split and the pooling run eagerly around the graph, which the
+template calls through its ``blocks=`` hook; this module supplies only "load the static pack,
+replay, slice ``[:S]``". Per budget the static inputs are
 
 - ``x [B, D]``: rows ``0 .. S-1`` the pack's embedded sequence, the rest fillers (whatever the
   buffer held; they are never read back);
@@ -16,19 +18,26 @@ pack's metadata (``model.prepare``), the final norm and the pooling run eagerly 
   one filler segment of the remaining tokens and one-token filler segments up to ``K``; every
   segment is non-empty, so real rows attend only to real rows and every varlen kernel sees a
   well-formed layout;
-- ``cos, sin [B, hd]`` where the family has a rotary table (DINOv3, OneVision);
+- ``cos, sin [B, hd]`` where the family has a rotary table;
 - ``max_seqlen = B``, a fixed upper bound (safe for the varlen kernels).
 
 Blocks work row by row except attention, which works within segments, so the pack's rows come
 out of the graph exactly as they would from the unpadded pack; they are sliced out of the static
-output (``[:S]``) before the final norm. A pack fits budget ``B`` when it has at most
-``max_items`` items and ``S + K - N <= B`` (room for one token per unused segment slot). Packs
-that fit no budget are served by ``model(batch)`` (``fallback=True``, the default, counted in
-``fallback_calls``) or refused (``fallback=False``).
+output (``[:S]``) and copied (the next replay overwrites it) before the final norm. A pack fits
+budget ``B`` when it has at most ``max_items`` items and ``S + K - N <= B`` (room for one token per
+unused segment slot). Packs that fit no budget are served by ``model(batch)`` (``fallback=True``,
+the default, counted in ``fallback_calls``) or refused (``fallback=False``).
 
-The metadata of a pack reaches the static buffers by in-place copies on the current stream: the
-padded ``cu_seqlens`` from pinned host memory without blocking, the embedded rows and rotary rows
-device to device. Nothing is read back from the device, so a replayed call makes no host sync.
+A pack's segments reach the device once: the padded ``cu_seqlens`` are copied from pinned host
+memory without blocking into the static buffer, whose first ``N + 1`` entries are also the
+pack's own ``cu_seqlens`` for the eager pooling (``StaticPack.context_for``); the embedded rows and
+rotary rows follow device to device. Nothing is read back from the device, so a replayed call
+makes no host sync.
+
+``model(batch)`` uses the same machinery without being asked (``PackedVisionModel.cuda_graphs``):
+in inference on CUDA, a pack of up to ``AUTO_MAX_ITEMS`` items that fits one of ``AUTO_BUDGETS``
+runs through a lazy ``GraphedEncoder`` of the model, each budget captured by the first pack that
+needs it.
 
 Limits: the blocks inside the graphs are eager (``compile_layers=True`` is refused; ``None``, the
 automatic setting, gives eager blocks in the graphs and applies to the fallback path); the
@@ -44,19 +53,23 @@ graphs, which is how the CPU tests check them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .attention import select_backend
 from .layers import VarlenContext
-from .models.base import PackedVisionModel, PackedVisionOutput, PackMetadata
-from .packing import PackedBatch, SegmentLayout, item_token_counts, validate_patches
+from .packing import PackedBatch, SegmentLayout, host_staging, item_token_counts
 from .positions import RotaryTable
+
+if TYPE_CHECKING:  # the models import this module (their automatic graphs): no import back at run time
+    from .models.base import PackedVisionModel, PackedVisionOutput, PackMetadata
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "AUTO_BUDGETS",
+    "AUTO_MAX_ITEMS",
     "padded_segment_lengths",
     "select_budget",
     "graph_backend",
@@ -66,6 +79,10 @@ __all__ = [
 
 #: token budgets captured by default: packs of up to 4096 sequence tokens, at most 1.5x padding
 DEFAULT_BUDGETS = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+#: the budgets and items per pack of ``model(batch)``'s automatic graphs (``model.cuda_graphs``): the
+#: latency-bound packs, where launches cost more than the padding to a budget
+AUTO_BUDGETS = (256, 384, 512, 768, 1024)
+AUTO_MAX_ITEMS = 8
 #: eager runs of the static forward on a side stream before each capture (kernel selection,
 #: FlashAttention 4's compilation, cuBLAS workspaces)
 WARMUP_RUNS = 3
@@ -113,16 +130,6 @@ def graph_backend(model: PackedVisionModel, device: torch.device, dtype: torch.d
     return name
 
 
-def _host_staging(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a host tensor to copy to ``device``: pinned for CUDA, so the copy does not block."""
-    host = torch.from_numpy(array)
-    if device.type != "cuda":
-        return host
-    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-    pinned.numpy()[...] = array
-    return pinned
-
-
 class StaticPack:
     """The fixed-shape input and output of the block stack for one token budget.
 
@@ -142,8 +149,10 @@ class StaticPack:
         # a valid layout before any pack is loaded: warm-up and capture run on it
         layout = SegmentLayout.from_lengths(padded_segment_lengths([1], budget, num_segments))
         self.cu_seqlens = layout.cu_seqlens_host.to(device, copy=True)
-        pool_offsets = SegmentLayout.one_per_item(num_segments).cu_seqlens(device)  # the blocks never pool
-        self.context = VarlenContext(layout, self.cu_seqlens, budget, pool_offsets, backend)
+        #: [0, 1, ..., num_segments]: one query per segment, for the blocks (which never pool) and,
+        #: its first N + 1 entries, for the eager pooling of a pack of N items
+        self.pool_offsets = SegmentLayout.one_per_item(num_segments).cu_seqlens_host.to(device, copy=True)
+        self.context = VarlenContext(layout, self.cu_seqlens, budget, self.pool_offsets, backend)
         self.rotary = None
         if rotary is not None:
             head_dim, table_dtype = rotary.cos.shape[1], rotary.cos.dtype
@@ -154,20 +163,40 @@ class StaticPack:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._output: torch.Tensor | None = None
 
+    def context_for(self, lengths: Sequence[int], backend: str | None) -> VarlenContext:
+        """A pack's attention segments (its segment ``lengths``), padded to the budget into
+        ``cu_seqlens`` by one non-blocking copy; returned as the pack's own ``VarlenContext`` on
+        views of the static buffers (for ``model.prepare(batch, context=...)``; ``backend``: the
+        model's, for the eager pooling). ``lengths`` must fit (``select_budget``)."""
+        padded = padded_segment_lengths(lengths, self.budget, self.num_segments)
+        cu_seqlens = np.zeros(self.num_segments + 1, dtype=np.int32)
+        cu_seqlens[1:] = np.cumsum(padded)
+        self.cu_seqlens.copy_(host_staging(torch.from_numpy(cu_seqlens), self.cu_seqlens.device), non_blocking=True)
+        layout = SegmentLayout.from_lengths(lengths)
+        count = layout.num_segments + 1
+        return VarlenContext(layout, self.cu_seqlens[:count], layout.max_seqlen, self.pool_offsets[:count], backend)
+
     def load(self, x: torch.Tensor, meta: PackMetadata) -> None:
-        """Copies a pack into the static buffers: its embedded sequence ``x [S, D]``, its segments
-        padded to the budget, its rotary rows. No host sync; ``S`` must fit (``select_budget``)."""
+        """Copies a pack into the static buffers: its embedded sequence ``x [S, D]`` and its rotary
+        rows; its segments are there already (``meta`` was prepared on ``context_for``). No host sync."""
+        if meta.context.cu_seqlens.data_ptr() != self.cu_seqlens.data_ptr():
+            raise ValueError(
+                "the pack's metadata was not prepared on this budget's buffers: "
+                "model.prepare(batch, context=pack.context_for(segment lengths, model.attention_backend))"
+            )
         if (meta.rotary is None) != (self.rotary is None):
             raise ValueError("the pack's metadata and the static buffers disagree on a rotary table; build a new GraphedEncoder")
         total = x.shape[0]
-        lengths = padded_segment_lengths(meta.context.segments.lengths, self.budget, self.num_segments)
-        cu_seqlens = np.zeros(self.num_segments + 1, dtype=np.int32)
-        cu_seqlens[1:] = np.cumsum(lengths)
         self.x[:total].copy_(x)
-        self.cu_seqlens.copy_(_host_staging(cu_seqlens, self.cu_seqlens.device), non_blocking=True)
         if self.rotary is not None:
             self.rotary.cos[:total].copy_(meta.rotary.cos)
             self.rotary.sin[:total].copy_(meta.rotary.sin)
+
+    def replay(self, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
+        """The block stack on a pack, as the template's ``blocks=`` hook: ``x [S, D]`` loaded, the
+        graph replayed (or the static forward run), rows ``[:S]`` copied out → ``[S, D]``."""
+        self.load(x, meta)
+        return self.run()[: x.shape[0]].clone()  # a tensor of its own: the next replay overwrites the output
 
     def forward(self) -> torch.Tensor:
         """The blocks, eagerly, on the static buffers: ``[budget, D]``."""
@@ -206,20 +235,23 @@ class GraphedEncoder:
 
     ``GraphedEncoder(model, budgets=DEFAULT_BUDGETS, max_items=8)`` captures one graph per budget
     (sequence tokens, prefix tokens included) for packs of up to ``max_items`` items, largest
-    budget first, all sharing one memory pool. ``graphed(batch)`` returns what ``model(batch)``
-    returns for a ``PackedBatch``: a ``PackedVisionOutput`` with ``last_hidden_state``,
-    ``pooler_output`` and ``prefix_tokens``. ``capture``: ``None`` captures on CUDA and runs the
-    static-shape forward eagerly elsewhere; ``True`` requires CUDA; ``False`` never captures.
-    ``fallback``: packs that fit no budget run through ``model(batch)`` (``True``) or raise
-    ``ValueError`` (``False``). See the module documentation for the design and its limits.
+    budget first, all sharing one memory pool; with ``lazy=True`` each budget is captured when a
+    pack first needs it (``model(batch)``'s automatic graphs, ``model.cuda_graphs``).
+    ``graphed(batch)`` returns what ``model(batch)`` returns for a ``PackedBatch``: a
+    ``PackedVisionOutput`` with ``last_hidden_state``, ``pooler_output`` and ``prefix_tokens``.
+    ``capture``: ``None`` captures on CUDA and runs the static-shape forward eagerly elsewhere;
+    ``True`` requires CUDA; ``False`` never captures. ``fallback``: packs that fit no budget run
+    through ``model(batch)`` (``True``) or raise ``ValueError`` (``False``). See the module
+    documentation for the design and its limits.
 
     Sharing one pool, a replay may reuse the memory of another budget's static output: each call
-    consumes its graph's output (final norm, or a copy) on the same stream before the next replay.
+    copies its rows out of its graph's output on the same stream before the next replay.
     """
 
     def __init__(self, model: PackedVisionModel, budgets: Sequence[int] = DEFAULT_BUDGETS, *, max_items: int = 8,
-                 capture: bool | None = None, fallback: bool = True):
-        if not isinstance(model, PackedVisionModel):
+                 capture: bool | None = None, fallback: bool = True, lazy: bool = False):
+        if not (isinstance(model, torch.nn.Module) and callable(getattr(model, "encode", None))
+                and hasattr(model, "placeholder_grid")):
             raise ValueError(f"GraphedEncoder takes a packvit model (PackedVisionModel), got {type(model).__name__}")
         if model.compile_layers:
             raise ValueError(
@@ -244,28 +276,38 @@ class GraphedEncoder:
         #: calls that fit no budget and ran through model(batch)
         self.fallback_calls = 0
         with torch.inference_mode():
-            # a one-patch pack tells the activation dtype and whether the family has a rotary table
-            probe = model.prepare(torch.ones(1, 3, dtype=torch.int64), interpolate_pos_encoding=True)
-        self.device, self.dtype = probe.device, probe.dtype
+            # the smallest pack the model takes tells the activation dtype and whether it has a rotary table
+            probe = model.prepare(model.placeholder_grid())
+        self.device, self.dtype, self._rotary = probe.device, probe.dtype, probe.rotary
         if capture:
             backend = graph_backend(model, device, self.dtype)
         else:
             backend = select_backend(device, self.dtype, model.blocks[0].attn.head_dim, model.attention_backend)
         #: the attention backend of the static forward, fixed at construction
         self.backend = backend
-        with torch.no_grad():
-            self.packs = {budget: StaticPack(model, budget, max_items + 1, backend, self.dtype, probe.rotary)
-                          for budget in self.budgets}
-        if capture:
-            pool = torch.cuda.graph_pool_handle()
-            with torch.inference_mode():
-                for budget in reversed(self.budgets):
-                    self.packs[budget].capture(pool)
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+        #: the static buffers (and graph) of each budget made so far
+        self.packs: dict[int, StaticPack] = {}
+        if not lazy:
+            for budget in reversed(self.budgets):
+                self._static_pack(budget)
+
+    def _static_pack(self, budget: int) -> StaticPack:
+        """The budget's static buffers, made (and captured) on first use."""
+        pack = self.packs.get(budget)
+        if pack is None:
+            with torch.no_grad():  # normal tensors: the buffers stay writable outside inference mode
+                pack = StaticPack(self.model, budget, self.max_items + 1, self.backend, self.dtype, self._rotary)
+            if self._pool is not None:
+                with torch.inference_mode():
+                    pack.capture(self._pool)
+            self.packs[budget] = pack
+        return pack
 
     @property
     def captured(self) -> bool:
         """Whether the budgets run as captured CUDA graphs (else the static forward runs eagerly)."""
-        return all(pack.graph is not None for pack in self.packs.values())
+        return self._pool is not None
 
     def budget_for(self, batch: PackedBatch) -> int | None:
         """The budget a pack runs in, or ``None`` when it fits none (then ``model(batch)`` serves it)."""
@@ -275,44 +317,35 @@ class GraphedEncoder:
 
     def __call__(self, batch: PackedBatch) -> PackedVisionOutput:
         """Encodes a pack: ``PackedVisionOutput`` as ``model(batch)``, the blocks in the pack's budget."""
-        model = self.model
         if not isinstance(batch, PackedBatch):
             raise ValueError(f"GraphedEncoder takes a PackedBatch (the model's processor makes one), got {type(batch).__name__}")
-        if batch.patch_layout != model.patch_layout:
+        out = self.run(batch)
+        if out is not None:
+            return out
+        if not self.fallback:
             raise ValueError(
-                f"the batch's patches are flattened {batch.patch_layout!r} but {type(model).__name__} reads "
-                f"{model.patch_layout!r}; build the batch with this model's processor: packvit.load_processor(model)"
+                f"a pack of {batch.num_items} items and {sum(batch.token_counts)} patches fits no captured budget "
+                f"(largest {self.budgets[-1]} tokens, at most {self.max_items} items); pass larger budgets or "
+                f"max_items, split the pack, or build the GraphedEncoder with fallback=True"
             )
-        validate_patches(batch.patches, batch.grid_thw, model.patch_dim)
+        self.fallback_calls += 1
+        with torch.inference_mode():
+            return self.model(batch)
+
+    def run(self, batch: PackedBatch, *, pool: bool = True) -> PackedVisionOutput | None:
+        """The pack through the model's template with the blocks replayed in its budget, or
+        ``None`` when it fits no budget. ``pool=False``: no pooling head."""
         budget = self.budget_for(batch)
         if budget is None:
-            if not self.fallback:
-                raise ValueError(
-                    f"a pack of {batch.num_items} items and {sum(batch.token_counts)} patches fits no captured budget "
-                    f"(largest {self.budgets[-1]} tokens, at most {self.max_items} items); pass larger budgets or "
-                    f"max_items, split the pack, or build the GraphedEncoder with fallback=True"
-                )
-            self.fallback_calls += 1
-            with torch.inference_mode():
-                return model(batch)
-        with torch.inference_mode():
-            meta = model.prepare(batch)
-            if meta.device != self.device or meta.dtype != self.dtype:
-                raise ValueError(
-                    f"the model now computes on {meta.device} {meta.dtype} but was captured on {self.device} "
-                    f"{self.dtype}; build a new GraphedEncoder after moving or casting the model"
-                )
-            patches = batch.patches.to(device=meta.device, non_blocking=True).to(meta.dtype)
-            x = model.embed(patches, meta)  # [S, D]
-            total = x.shape[0]
-            pack = self.packs[budget]
-            pack.load(x, meta)
-            x = pack.run()[:total]  # [budget, D] → [S, D], a view of the static output
-            # a new tensor: the static output is overwritten by the next call
-            x = model.final_norm(x) if model.final_norm is not None else x.clone()
-            patch_tokens, prefix_tokens = model.split_prefix(x, meta)
-            return PackedVisionOutput(
-                last_hidden_state=patch_tokens,
-                pooler_output=model.pool(x, meta, prefix_tokens),
-                prefix_tokens=prefix_tokens,
+            return None
+        model = self.model
+        if model.device != self.device or model.activation_dtype != self.dtype:
+            raise ValueError(
+                f"the model now computes on {model.device} {model.activation_dtype} but was captured on {self.device} "
+                f"{self.dtype}; build a new GraphedEncoder after moving or casting the model"
             )
+        pack = self._static_pack(budget)
+        lengths = [n + model.num_prefix_tokens for n in batch.token_counts]
+        with torch.inference_mode():
+            meta = model.prepare(batch, context=pack.context_for(lengths, model.attention_backend))
+            return model.encode(batch, metadata=meta, pool=pool, blocks=pack.replay)

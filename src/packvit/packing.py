@@ -28,6 +28,7 @@ __all__ = [
     "validate_patch_positions",
     "item_token_counts",
     "token_positions",
+    "host_staging",
     "to_device",
     "split_items",
     "GreedyPacker",
@@ -196,22 +197,26 @@ class SegmentLayout:
         return to_device(self.cu_seqlens_host, torch.device(device))
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``: itself on the CPU, else one non-blocking copy (pinned for CUDA).
+def host_staging(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The host tensor to copy ``host`` to ``device`` from without blocking: a pinned copy for
+    CUDA, ``host`` itself elsewhere. The copy into pinned memory goes through numpy (see the note
+    above ``offsets_within_items``)."""
+    if device.type != "cuda":
+        return host
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    try:
+        pinned.numpy()[...] = host.detach().numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16, ...)
+        pinned.copy_(host)
+    return pinned
 
-    The staging copy into pinned memory goes through numpy (see the note above
-    ``offsets_within_items``).
-    """
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: itself on the CPU, else one non-blocking copy (from pinned
+    memory for CUDA, ``host_staging``)."""
     if device.type == "cpu":
         return host
-    if device.type == "cuda":
-        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        try:
-            pinned.numpy()[...] = host.detach().numpy()
-        except TypeError:  # a dtype numpy lacks (bfloat16, ...)
-            pinned.copy_(host)
-        host = pinned
-    return host.to(device, non_blocking=True)
+    return host_staging(host, device).to(device, non_blocking=True)
 
 
 # Per-token index maps are built on the host with numpy. torch's CPU kernels parallelise arrays of

@@ -11,7 +11,7 @@ projector and a language model, in training as in inference.
   channels), or ``None`` for the model's output after its final norm. Only the hidden states
   asked for are kept, and no block past the deepest of them runs.
 - ``select_feature``: ``"patch"`` (patch tokens) or ``"cls_patch"`` (each item's CLS token, then its
-  patches; families with a CLS token only, ``CLS_FAMILIES``; register tokens are never returned).
+  patches; models with a CLS token only, ``has_cls_token``; register tokens are never returned).
 - ``spatial_merge``: ``m`` (2 for Qwen2-VL's merger) concatenates each ``m x m`` block of patch
   tokens into one ``[m*m*F]`` row: within a block (r, c), (r, c+1), (r+1, c), (r+1, c+1) (for
   m = 2), blocks row-major, frame after frame for items of several frames. ``odd_grids`` says what
@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from .models.base import PackedVisionModel, PackMetadata, normalize_layer_indices
+from .models.registry import FAMILIES, model_class
 from .packing import (PackedBatch, SegmentLayout, item_token_counts, offsets_within_items, prefix_token_index, to_device,
                       validate_grid_thw)
 
 __all__ = [
     "SELECT_FEATURES",
     "ODD_GRIDS",
-    "CLS_FAMILIES",
     "spatial_merge_index",
     "TowerMetadata",
     "TowerOutput",
@@ -57,8 +57,6 @@ __all__ = [
 
 SELECT_FEATURES = ("patch", "cls_patch")
 ODD_GRIDS = ("error", "crop", "pad")
-#: the families whose items carry a CLS token (the first of their prefix tokens)
-CLS_FAMILIES = ("dinov3",)
 
 
 def spatial_merge_index(grid_thw: torch.Tensor, merge_size: int, odd_grids: str = "error") -> tuple[np.ndarray, list[int]]:
@@ -118,13 +116,14 @@ def _cls_patch_index(patch_counts: list[int]) -> np.ndarray:
 
 @dataclass
 class TowerMetadata:
-    """A pack's metadata for a ``VisionTower``, built on the host once: the model's ``pack``
-    metadata, the output ``lengths`` per item and their host int32 ``cu_seqlens [N + 1]``, and
-    ``index`` (device int64), the rows the output gathers: ``[N + total_patches]`` for CLS +
+    """A pack's metadata for a ``VisionTower``, built on the host once: the model's metadata
+    (``model_metadata``; ``None``: the model builds its own in the forward, where it may run its
+    captured graphs), the output ``lengths`` per item and their host int32 ``cu_seqlens [N + 1]``,
+    and ``index`` (device int64), the rows the output gathers: ``[N + total_patches]`` for CLS +
     patches, ``[m*m, merged rows]`` for a spatial merge (row k: the k-th token of every block),
     ``None`` for the patch tokens as they are."""
 
-    pack: PackMetadata
+    model_metadata: PackMetadata | None
     lengths: list[int]
     cu_seqlens: torch.Tensor
     index: torch.Tensor | None = None
@@ -153,21 +152,23 @@ class VisionTower(nn.Module):
 
     ``model``: a packed model (``packvit.from_pretrained``), a submodule of the tower, so that
     ``tower.requires_grad_(False)``, ``.train()``, ``.to()`` and optimisers reach it. The options
-    are those of this module's docstring; ``interpolate_pos_encoding`` is passed to the model.
+    are those of this module's docstring; ``interpolate_pos_encoding``, if given, sets the model's
+    attribute of that name.
     """
 
     def __init__(self, model: PackedVisionModel, *, select_layer: int | Sequence[int] | None = None,
                  select_feature: str = "patch", spatial_merge: int | None = None, odd_grids: str = "error",
-                 interpolate_pos_encoding: bool = False):
+                 interpolate_pos_encoding: bool | None = None):
         super().__init__()
         if not isinstance(model, PackedVisionModel):
             raise ValueError(f"VisionTower wraps a packed model (packvit.from_pretrained(...)), got {type(model).__name__}")
         if select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
-        if select_feature == "cls_patch" and not model.num_prefix_tokens:
+        if select_feature == "cls_patch" and not model.has_cls_token:
+            with_cls = [family for family in FAMILIES if model_class(family).has_cls_token]
             raise ValueError(
                 f"select_feature='cls_patch' returns each item's CLS token before its patches, and {model.family} has no "
-                f"CLS token (the families with one: {', '.join(CLS_FAMILIES)}); use select_feature='patch'"
+                f"CLS token (the families with one: {', '.join(with_cls)}); use select_feature='patch'"
             )
         if spatial_merge is not None and (not isinstance(spatial_merge, int) or isinstance(spatial_merge, bool)
                                           or spatial_merge < 1):
@@ -188,7 +189,8 @@ class VisionTower(nn.Module):
         self.select_feature = select_feature
         self.merge_size = spatial_merge if spatial_merge and spatial_merge > 1 else 1
         self.odd_grids = odd_grids
-        self.interpolate_pos_encoding = interpolate_pos_encoding
+        if interpolate_pos_encoding is not None:
+            model.interpolate_pos_encoding = interpolate_pos_encoding
 
     @property
     def feature_size(self) -> int:
@@ -211,31 +213,33 @@ class VisionTower(nn.Module):
         grid_thw = grid_thw.grid_thw if isinstance(grid_thw, PackedBatch) else validate_grid_thw(grid_thw)
         return self._layout(grid_thw)[0]
 
-    def prepare(self, batch: PackedBatch, pack: PackMetadata | None = None) -> TowerMetadata:
-        """The metadata of ``batch`` (host work and non-blocking copies only); ``pack``: the model's
-        metadata of this batch if already built (``model.prepare(batch)``)."""
-        if pack is None:
-            pack = self.model.prepare(batch, interpolate_pos_encoding=self.interpolate_pos_encoding)
+    def prepare(self, batch: PackedBatch, model_metadata: PackMetadata | None = None) -> TowerMetadata:
+        """The metadata of ``batch`` (host work and non-blocking copies only); ``model_metadata``: the
+        model's metadata of this batch if already built (``model.prepare(batch)``)."""
+        return self._output_metadata(batch, self.model.prepare(batch) if model_metadata is None else model_metadata)
+
+    def _output_metadata(self, batch: PackedBatch, model_metadata: PackMetadata | None) -> TowerMetadata:
         lengths, index = self._layout(batch.grid_thw)
         cu_seqlens = SegmentLayout.from_lengths(lengths).cu_seqlens_host
         if index is not None and self.merge_size > 1:
             index = np.ascontiguousarray(index.reshape(-1, self.merge_size**2).T)  # [T * m²] → [m², T]
-        device_index = None if index is None else to_device(torch.from_numpy(index), pack.device)
-        return TowerMetadata(pack, lengths, cu_seqlens, device_index)
+        device_index = None if index is None else to_device(torch.from_numpy(index), self.model.device)
+        return TowerMetadata(model_metadata, lengths, cu_seqlens, device_index)
 
     def forward(self, batch: PackedBatch, metadata: TowerMetadata | PackMetadata | None = None) -> TowerOutput:
         """``batch`` (a ``PackedBatch`` in the model's layout) → ``TowerOutput``; ``metadata`` from
-        ``prepare`` (or the model's ``PackMetadata``) is reused instead of built again."""
+        ``prepare`` (or the model's ``PackMetadata``) is reused instead of built again. Without it,
+        the model builds its own in its forward, where in inference it may run captured graphs
+        (``model.cuda_graphs``)."""
         if not isinstance(batch, PackedBatch):
             raise ValueError(f"a VisionTower takes a PackedBatch (the model's processor output), got {type(batch).__name__}")
         if not isinstance(metadata, TowerMetadata):
-            metadata = self.prepare(batch, metadata)
-        options = dict(metadata=metadata.pack, interpolate_pos_encoding=self.interpolate_pos_encoding)
+            metadata = self._output_metadata(batch, metadata)
         if self.layers is None:
-            out = self.model(batch, output_pooled=False, **options)
+            out = self.model(batch, metadata=metadata.model_metadata, output_pooled=False)
             selected, prefixes = [out.last_hidden_state], [out.prefix_tokens]
         else:
-            out = self.model(batch, hidden_layers=self.layers, hidden_states_only=True, **options)
+            out = self.model(batch, metadata=metadata.model_metadata, hidden_layers=self.layers, hidden_states_only=True)
             selected, prefixes = list(out.hidden_states), list(out.prefix_hidden_states or [])
         x = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)  # [total_patches, F]
         if self.select_feature == "cls_patch":
@@ -275,18 +279,16 @@ class VisionTower(nn.Module):
 
 
 def placeholder_batch(model: PackedVisionModel) -> PackedBatch:
-    """A one-item batch of zero pixels (host) that ``model`` accepts: one patch, or for a model whose
-    learned position table serves one grid only (AIMv2's fixed-size checkpoints), that grid.
+    """A one-item batch of zero pixels (host) that ``model`` accepts: its ``placeholder_grid()``, one
+    patch, or for a model whose learned position table serves one grid only, that grid.
 
     A rank with no images in a step runs it through the tower and adds its loss times zero: every
     rank then runs the same collectives (FSDP2 all-gathers each block's weights in the forward and
     reduce-scatters the gradients of the same parameters in the backward), and the zero gradients
     change nothing.
     """
-    config = model.config
-    side = 1 if getattr(config, "is_native", True) else config.learned_grid_side
-    grid_thw = torch.tensor([[1, side, side]])
-    return PackedBatch(torch.zeros(side * side, model.patch_dim), grid_thw, model.patch_layout)
+    grid_thw = model.placeholder_grid()
+    return PackedBatch(torch.zeros(int(grid_thw.prod()), model.patch_dim), grid_thw, model.patch_layout)
 
 
 def param_groups(module: nn.Module, tower: nn.Module, *, lr: float, tower_lr: float,

@@ -13,8 +13,9 @@ Position embeddings come in two kinds:
   (``packvit.positions.sincos_2d``), computed in float64 and cast to the activation dtype, as in
   the reference;
 - fixed-size checkpoints (224/336/448): a learned ``(S*S, D)`` table for one ``S x S`` grid. Any
-  other grid raises ``ValueError``; ``interpolate_pos_encoding=True`` instead resizes the table
-  (antialiased bicubic, float32, as timm's ``resample_abs_pos_embed``), beyond the reference.
+  other grid raises ``ValueError``; the model attribute ``interpolate_pos_encoding = True`` instead
+  resizes the table (antialiased bicubic, float32, as timm's ``resample_abs_pos_embed``), beyond the
+  reference.
 
 Input patches are flattened (p, p, C); the checkpoint's Conv2d patch embedding becomes a Linear at load.
 """
@@ -67,6 +68,26 @@ class AIMv2Config(VisionConfig):
         return self.image_size // self.patch_size
 
 
+#: the parts of an ``Aimv2Model`` checkpoint beside its vision tower
+_CLIP_PARTS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+def _check_position_table(config: AIMv2Config, has_table: bool) -> None:
+    """``ValueError`` naming ``is_native`` when the checkpoint's position table and config.json disagree."""
+    if not config.is_native and not has_table:
+        raise ValueError(
+            "config.json says is_native false (a learned position table for one image size) but the checkpoint "
+            "has no table: missing ['embeddings.position_embedding.weight']. It is a native checkpoint (sin-cos "
+            "positions for any grid): set is_native true in config.json"
+        )
+    if config.is_native and has_table:
+        raise ValueError(
+            "config.json says is_native true (sin-cos positions) but the checkpoint holds a learned position table, "
+            "unexpected ['embeddings.position_embedding.weight']: it is a fixed-size checkpoint; set is_native false "
+            "and image_size to the size it was trained at in config.json"
+        )
+
+
 class AIMv2Embeddings(nn.Module):
     """Patch projection (Linear over (p, p, C) patches), RMSNorm, position embedding."""
 
@@ -117,14 +138,18 @@ class AIMv2Packing(PackedVisionModel):
     def map_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """transformers' AIMv2 names → packvit's.
 
-        The vision tower of an ``Aimv2Model`` lives under ``vision_model.`` (its text tower and
-        projections are dropped). The Conv2d patch embedding ``[D, C, p, p]`` becomes a Linear over
-        (p, p, C) patches; q/k/v fuse into ``attn.qkv`` and ``out_proj`` becomes ``attn.proj``;
-        gate/up fuse into ``mlp.gate_up`` and ``down_proj`` becomes ``mlp.down``.
+        The vision tower of an ``Aimv2Model`` lives under ``vision_model.`` (its text tower, the
+        projections and the logit scale are dropped; any other tensor is kept, to be reported). The
+        Conv2d patch embedding ``[D, C, p, p]`` becomes a Linear over (p, p, C) patches; q/k/v fuse
+        into ``attn.qkv`` and ``out_proj`` becomes ``attn.proj``; gate/up fuse into ``mlp.gate_up``
+        and ``down_proj`` becomes ``mlp.down``. A learned position table where ``is_native`` says
+        there is none, or none where it says there is one, is an error naming ``is_native``.
         """
         config = self.config
-        if any(key.startswith("vision_model.") for key in state):
-            state = strip_prefix(state, ("vision_model.",), drop_others=True)
+        if "vision_model.embeddings.patch_embed.weight" in state:
+            state = {key: value for key, value in state.items() if not key.startswith(_CLIP_PARTS)}
+            state = strip_prefix(state, ("vision_model.",))
+        _check_position_table(config, "embeddings.position_embedding.weight" in state)
         state = rename(state, [(r"^encoder\.layers\.(\d+)\.", r"blocks.\1.")])
         for i in range(config.num_hidden_layers):
             block = f"blocks.{i}"
@@ -139,7 +164,12 @@ class AIMv2Packing(PackedVisionModel):
             (r"^rms_norm\.", "final_norm."),
         ])
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
+    def placeholder_grid(self) -> torch.Tensor:
+        """One patch, or for a fixed-size checkpoint the one grid its learned table serves."""
+        side = 1 if self.config.is_native else self.config.learned_grid_side
+        return torch.tensor([[1, side, side]])
+
+    def prepare_positions(self, meta: PackMetadata) -> None:
         config = self.config
         if config.is_native:
             meta.position_embeddings = sincos_2d(meta.grid_thw, config.hidden_size, meta.dtype, meta.device)
@@ -147,12 +177,12 @@ class AIMv2Packing(PackedVisionModel):
         side = config.learned_grid_side
         grids = sorted({(h, w) for _, h, w in meta.grid_thw.tolist()})
         foreign = [grid for grid in grids if grid != (side, side)]
-        if foreign and not interpolate_pos_encoding:
+        if foreign and not meta.interpolate_pos_encoding:
             pixels = side * config.patch_size
             raise ValueError(
                 f"this AIMv2 checkpoint has a learned position table for a {side}x{side} patch grid ({pixels}px "
                 f"images) but the batch has grids {foreign[:4]}; resize images to {pixels}x{pixels} (its processor, "
-                f"packvit.load_processor, does), or pass interpolate_pos_encoding=True to resize the table (beyond "
-                f"the reference)"
+                f"packvit.load_processor, does), or set model.interpolate_pos_encoding = True (from_pretrained(..., "
+                f"interpolate_pos_encoding=True)) to resize the table (beyond the reference)"
             )
         meta.position_lookup = TableLookup.build(meta.grid_thw, (side, side), "bicubic", meta.device)

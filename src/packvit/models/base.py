@@ -5,14 +5,19 @@ A family subclasses ``PackedVisionModel`` and supplies only what is its own:
 - ``config_class`` (a ``VisionConfig``) and ``build(config)``, which creates ``embeddings``,
   ``blocks`` (``EncoderBlock``s), ``final_norm`` and ``head`` (either may be ``None``);
 - ``map_checkpoint(state)``: one visible function from checkpoint names to its own;
-- ``prepare_positions(meta, patch_positions, interpolate_pos_encoding)``: the position data of a
-  pack (rotary tables, position embeddings or table rows), filled into the pack's metadata;
+- ``prepare_positions(meta)``: the position data of a pack (rotary tables, position embeddings
+  or table rows), filled into the pack's metadata (which holds ``patch_positions`` and
+  ``interpolate_pos_encoding``);
 - ``embeddings(patches, meta)`` → the packed sequence ``[S, D]``, and ``pool(x, meta, prefix_tokens)``
-  where the pooled output is not the ``head`` applied to the segments.
+  where the pooled output is not the ``head`` applied to the segments;
+- what callers ask of a family instead of its name: the class attributes ``patch_layout``,
+  ``takes_video``, ``has_cls_token``, ``reads_patch_positions``, and ``placeholder_grid()``.
 
-The template (``forward``): validate → metadata (host, once) → embed → blocks → final norm →
-pool → split prefix and patch tokens → ``PackedVisionOutput``. Gradient checkpointing, compiled
-layers and the choice of hidden states to keep live here, once for all families.
+The template (``encode``): validate → metadata (host, once) → embed → blocks (or a caller's
+replacement for the stack: captured graphs) → final norm → split prefix and patch tokens → pool →
+``PackedVisionOutput``. Gradient checkpointing, compiled layers and the choice of hidden states to
+keep live here, once for all families. ``forward`` is ``model(batch)``; the earlier call forms are
+translated to the template in one place (``_compat_call``).
 
 Training goes through the same forward. Every block's recompute under gradient checkpointing
 reuses the pack's metadata; compiled blocks see only tensors of symbolic length (the segment
@@ -33,7 +38,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import read_config_dict, read_state_dict, resolve_checkpoint, write_checkpoint
+from ..checkpoint import (checkpoint_sources, mismatch_in_checkpoint_names, read_config_dict, read_state_dict,
+                          resolve_checkpoint, write_checkpoint)
+from ..cuda_graphs import AUTO_BUDGETS, AUTO_MAX_ITEMS, GraphedEncoder, graph_backend
 from ..layers import VarlenContext, run_layer
 from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
 from ..positions import RotaryTable, TableLookup
@@ -85,6 +92,11 @@ class PackMetadata:
     ``grid_thw`` and copied to the model's device: pass it back as ``model(..., metadata=meta)`` to
     reuse it (several forwards of one pack, a training step's recompute, captured graphs).
 
+    It records what it was built from, and a forward given it checks each against its own
+    inputs and settings: the ``grid_thw``, the ``patch_positions`` (the tensor given, or ``None``),
+    ``interpolate_pos_encoding``, ``device`` and ``dtype``, the attention backend
+    (``context.backend``) and ``model``, the family and configuration of the model.
+
     ``context``: attention segments (one per item: prefix tokens then patches). With prefix tokens,
     ``patch_rows [total_patches]`` and ``prefix_rows [num_items * P]`` are the sequence rows of the
     patches and of the prefix tokens, and ``source_index [S]`` the row of ``cat(prefix table,
@@ -97,6 +109,9 @@ class PackMetadata:
     context: VarlenContext
     device: torch.device
     dtype: torch.dtype
+    model: tuple[str, VisionConfig]
+    patch_positions: torch.Tensor | None = None
+    interpolate_pos_encoding: bool = False
     num_prefix_tokens: int = 0
     patch_rows: torch.Tensor | None = None
     prefix_rows: torch.Tensor | None = None
@@ -133,6 +148,28 @@ def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _one_spelling(name: str, value, alias: str, alias_value):
+    """``value``, or ``alias_value`` where only the alias (transformers' spelling) is given."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"pass {name} or {alias} (the same setting in transformers' spelling), not both")
+    return value if value is not None else alias_value
+
+
+def _single_device(device_map):
+    """The one device a transformers-style ``device_map`` names (``None`` and ``"auto"``: the default)."""
+    if device_map is None or device_map == "auto":
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map {device_map} spreads the model over {sorted(map(str, devices))}; a packed model runs "
+                f"on one device: pass device='cuda:0' (or one device for every module)"
+            )
+        (device_map,) = devices
+    return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+
+
 def normalize_layer_indices(hidden_layers: Sequence[int], num_layers: int) -> list[int]:
     """Indices into the ``num_layers + 1`` hidden states (negative from the end) → ``0 .. num_layers``."""
     normalized = []
@@ -146,16 +183,47 @@ def normalize_layer_indices(hidden_layers: Sequence[int], num_layers: int) -> li
     return normalized
 
 
+def _same_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint map of packvit's own format: every tensor under its name."""
+    return dict(state)
+
+
+def _listed(names: Sequence[str], limit: int = 6) -> str:
+    """``['a', 'b', ...]``: the first ``limit`` names, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{list(names[:limit])}{more}"
+
+
+def _same_positions(prepared: torch.Tensor | None, given: torch.Tensor | None) -> bool:
+    """Whether the ``patch_positions`` a pack's metadata was built from are those given now:
+    the same tensor, or equal host tensors."""
+    if prepared is None or given is None:
+        return prepared is given
+    if prepared is given:
+        return True
+    on_host = prepared.device.type == "cpu" and given.device.type == "cpu"
+    return on_host and prepared.shape == given.shape and torch.equal(prepared, given)
+
+
+def _describe_positions(positions: torch.Tensor | None) -> str:
+    if positions is None:
+        return "none, positions from the grid"
+    where = "" if positions.device.type == "cpu" else f" on {positions.device}, compared as the same tensor"
+    return f"a [{positions.shape[0]}, 3] tensor{where}"
+
+
 class PackedVisionModel(nn.Module):
     """A vision transformer on packed sequences.
 
     ``Model(config)`` builds random weights; ``Model(ckpt=dir_or_hub_id)`` or
     ``Model.from_pretrained(...)`` loads a checkpoint (bf16 on CUDA, float32 on the CPU, unless
     ``dtype`` says otherwise); ``config_overrides`` replace configuration fields, and the weights
-    must then match the architecture exactly (loading never changes the architecture silently).
+    must then match the architecture exactly (loading never changes the architecture silently);
+    ``interpolate_pos_encoding`` sets the attribute of that name.
 
     ``model(batch)`` with a ``PackedBatch`` (moved to the model's device and dtype here) returns a
-    ``PackedVisionOutput``. ``model(patches, grid_thw)`` is the tensor form (see ``forward``).
+    ``PackedVisionOutput``; ``encode`` is the template behind it. ``model(patches, grid_thw)`` is
+    the earlier tensor form (see ``forward``).
     """
 
     family: ClassVar[str] = ""
@@ -164,11 +232,16 @@ class PackedVisionModel(nn.Module):
     patch_layout: ClassVar[str] = "ppc"
     #: whether an item may have t > 1 frames (one attention segment per clip)
     takes_video: ClassVar[bool] = False
+    #: whether the first prefix token of every item is a CLS token (``VisionTower``'s ``"cls_patch"``)
+    has_cls_token: ClassVar[bool] = False
+    #: whether the positions come from ``patch_positions`` where a batch has them (else they are refused)
+    reads_patch_positions: ClassVar[bool] = False
     #: what ``model(patches, grid_thw)`` returns without ``return_dict``: the output object, or
     #: (``False``) the ``last_hidden_state`` tensor
     returns_output_by_default: ClassVar[bool] = False
 
-    def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None, **config_overrides):
+    def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None,
+                 interpolate_pos_encoding: bool = False, **config_overrides):
         super().__init__()
         if (config is None) == (ckpt is None):
             raise ValueError("pass a configuration to build random weights, or ckpt= to load a checkpoint, not both")
@@ -182,11 +255,15 @@ class PackedVisionModel(nn.Module):
         if not isinstance(config, self.config_class):
             raise ValueError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
-        state = None
+        state, source = None, None
         if config_dict is not None:
             state = read_state_dict(directory)
-            if not config_dict.get(PACKVIT_FORMAT_KEY):
-                state = self.map_checkpoint(state)
+            checkpoint_map = _same_names if config_dict.get(PACKVIT_FORMAT_KEY) else self.map_checkpoint
+            source = (checkpoint_map, set(state))
+            state = checkpoint_map(state)
+        #: resize a learned position table made for one grid (AIMv2's fixed-size checkpoints) to the
+        #: pack's grids instead of refusing them (beyond the reference); read by ``prepare``
+        self.interpolate_pos_encoding = interpolate_pos_encoding
         #: attention backend name for every varlen call of this model (None: automatic)
         self.attention_backend: str | None = None
         #: run each encoder block through torch.compile: True, False, or None for automatic
@@ -199,12 +276,16 @@ class PackedVisionModel(nn.Module):
         #: (FSDP2 mixed precision keeps float32 parameters and computes in its param_dtype); None:
         #: the parameters' dtype
         self.compute_dtype: torch.dtype | None = None
+        #: the automatic graphs (cuda_graphs) and what they were made for, or None: (device, dtype,
+        #: attention backend, first parameter's storage) → GraphedEncoder (None: cannot be captured)
+        self._auto_graphs: tuple[tuple, GraphedEncoder | None] | None = None
+        self.cuda_graphs = True
         if state is None:
             self.build(config)
         else:
             with torch.device("meta"):
                 self.build(config)
-            self._load_mapped_state(state, ckpt)
+            self._load_mapped_state(state, ckpt, source)
         if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
             device = self.device
         device = default_device(device)
@@ -212,8 +293,15 @@ class PackedVisionModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, ckpt, *, device=None, dtype=None, **config_overrides):
-        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default."""
+    def from_pretrained(cls, ckpt, *, device=None, dtype=None, torch_dtype=None, device_map=None, **config_overrides):
+        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default.
+
+        ``torch_dtype`` and ``device_map`` are transformers' spellings of ``dtype`` and ``device``
+        (the earlier packed models were transformers models): a ``device_map`` names one device
+        (or ``"auto"``, the default device), since a packed model lives on one device.
+        """
+        dtype = _one_spelling("dtype", dtype, "torch_dtype", torch_dtype)
+        device = _one_spelling("device", device, "device_map", _single_device(device_map))
         return cls(ckpt=ckpt, device=device, dtype=dtype, **config_overrides)
 
     @classmethod
@@ -221,23 +309,28 @@ class PackedVisionModel(nn.Module):
         """The configuration of a checkpoint's ``config.json``; ``ValueError`` for another family's."""
         return cls.config_class.from_dict(config_dict, **overrides)
 
-    def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt) -> None:
-        expected = set(self.state_dict().keys())
-        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-        if missing or unexpected:
+    def _load_mapped_state(self, state: dict[str, torch.Tensor], ckpt, source=None) -> None:
+        """Loads ``state`` (this model's names) into the model built on the meta device. ``source``:
+        ``(checkpoint_map, checkpoint tensor names)`` that gave it, so that a mismatch is reported
+        in the checkpoint's own names; ``None`` where ``state`` is already in the checkpoint's names."""
+        checkpoint_map, names = source or (_same_names, set(state))
+        shapes = {key: value.shape for key, value in self.state_dict().items()}
+        if state.keys() != shapes.keys():
+            missing, unexpected, unplaced = mismatch_in_checkpoint_names(checkpoint_map, names, set(shapes))
+            untraced = f"; no checkpoint tensor gives packvit's {_listed(unplaced)}" if unplaced else ""
             raise ValueError(
                 f"checkpoint {ckpt} does not match the {type(self).__name__} its config.json describes: missing "
-                f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                f"{'...' if len(unexpected) > 6 else ''}. The checkpoint is incomplete, or its config.json is of "
-                f"another variant (check use_head and num_hidden_layers); packvit never drops or adds modules to "
-                f"make weights fit"
+                f"{_listed(missing)}, unexpected {_listed(unexpected)} (the checkpoint's names){untraced}. The "
+                f"checkpoint is incomplete, or its config.json is of another variant (check use_head and "
+                f"num_hidden_layers); packvit never drops or adds modules to make weights fit"
             )
-        shapes = {key: value.shape for key, value in self.state_dict().items()}
         wrong = [key for key, value in state.items() if value.shape != shapes[key]]
         if wrong:
+            names_of = checkpoint_sources(checkpoint_map, names).get(wrong[0], (wrong[0],))
             raise ValueError(
-                f"checkpoint tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)} but the architecture in "
-                f"config.json needs {tuple(shapes[wrong[0]])}; the weights and config.json disagree"
+                f"checkpoint tensor {' + '.join(names_of)} gives {wrong[0]} the shape {tuple(state[wrong[0]].shape)} "
+                f"but the architecture in config.json needs {tuple(shapes[wrong[0]])}; the weights and config.json "
+                f"disagree"
             )
         self.load_state_dict(state, strict=True, assign=True)
 
@@ -288,6 +381,11 @@ class PackedVisionModel(nn.Module):
         """Tokens (CLS, registers) placed before every item's patches; 0 for most families."""
         return 0
 
+    def placeholder_grid(self) -> torch.Tensor:
+        """The smallest ``grid_thw [1, 3]`` (host) the model accepts: one patch, unless its
+        positions serve one grid only."""
+        return torch.ones(1, 3, dtype=torch.int64)
+
     # --- family hooks ------------------------------------------------------------------------
 
     def build(self, config) -> None:
@@ -297,8 +395,7 @@ class PackedVisionModel(nn.Module):
         """Checkpoint tensor names → this model's (``self.config`` is set)."""
         raise NotImplementedError
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions: torch.Tensor | None,
-                          interpolate_pos_encoding: bool) -> None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
         """Fills the pack's position data into ``meta``."""
 
     def embed(self, patches: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
@@ -335,7 +432,56 @@ class PackedVisionModel(nn.Module):
     # --- runtime modes -----------------------------------------------------------------------
 
     #: the modes ``runtime`` sets: model attributes that change how a forward runs, not what it computes
-    RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing")
+    RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing",
+                                                "cuda_graphs")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether ``model(batch)`` in inference on CUDA runs small packs (up to ``AUTO_MAX_ITEMS``
+        items and ``AUTO_BUDGETS[-1]`` sequence tokens) through CUDA graphs of the block stack,
+        captured on first use per token budget (that first call takes the capture's time) and kept
+        until the model moves, is cast or loads new parameter tensors. The outputs are those of
+        the eager forward (``packvit.cuda_graphs``); memory: the static buffers and one shared
+        graph pool, the working set of the largest budget used. Packs with hidden states, given
+        ``metadata``, gradients, ``compile_layers=True`` or an attention backend that cannot be
+        captured run eagerly. Turned off, the graphs captured so far are kept for when it is turned
+        on again (``model.runtime(cuda_graphs=False)`` for a block); moving or casting the model frees them."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self._cuda_graphs = bool(enabled)
+
+    def _graphed(self, batch: PackedBatch, pool: bool) -> PackedVisionOutput | None:
+        """``model(batch)`` through the automatic graphs, or ``None`` where they do not apply."""
+        if not (self._cuda_graphs and not torch.is_grad_enabled() and self.compile_layers is not True):
+            return None
+        first = next(self.parameters())
+        if (first.device.type != "cuda" or type(first) is not nn.Parameter  # sharded (FSDP2) parameters: eager
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return None
+        key = (first.device, self.activation_dtype, self.attention_backend, first.data_ptr())
+        if self._auto_graphs is None or self._auto_graphs[0] != key:
+            try:
+                graph_backend(self, first.device, self.activation_dtype)
+            except ValueError:  # an attention backend that cannot be captured ('reference'): eager
+                graphs = None
+            else:
+                graphs = GraphedEncoder(self, AUTO_BUDGETS, max_items=AUTO_MAX_ITEMS, fallback=False, lazy=True)
+            self._auto_graphs = (key, graphs)
+        graphs = self._auto_graphs[1]
+        return graphs.run(batch, pool=pool) if graphs is not None else None
+
+    def _apply(self, fn, recurse=True):
+        self._auto_graphs = None  # moved or cast: the graphs read the old tensors
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._auto_graphs = None  # assign=True replaces the tensors the graphs read
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_auto_graphs": None}  # graphs are not copied (deepcopy, pickling)
 
     @contextlib.contextmanager
     def runtime(self, **modes):
@@ -361,8 +507,11 @@ class PackedVisionModel(nn.Module):
     # --- the forward template ----------------------------------------------------------------
 
     def prepare(self, inputs, patch_positions: torch.Tensor | None = None, *,
-                interpolate_pos_encoding: bool = False) -> PackMetadata:
-        """The metadata of a pack (a ``PackedBatch`` or a ``grid_thw``), on the model's device.
+                interpolate_pos_encoding: bool | None = None, context: VarlenContext | None = None) -> PackMetadata:
+        """The metadata of a pack (a ``PackedBatch``, or a ``grid_thw`` with optional
+        ``patch_positions``), on the model's device. ``interpolate_pos_encoding``: ``None`` reads
+        the model's attribute. ``context``: the pack's attention segments where they are already on
+        the device (a captured graph's static buffers), instead of copying them there.
 
         Built on the host from the grid, copied with non-blocking transfers; reads nothing back.
         """
@@ -370,13 +519,29 @@ class PackedVisionModel(nn.Module):
             grid_thw, patch_positions = inputs.grid_thw, inputs.patch_positions
         else:
             grid_thw = validate_grid_thw(inputs)
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = self.interpolate_pos_encoding
         self._check_frames(grid_thw)
+        if patch_positions is not None and not self.reads_patch_positions:
+            raise ValueError(
+                f"{type(self).__name__} places its patches by their grid and has no use for patch_positions; "
+                f"pass the batch without them (the OneVision Encoder is the family that reads them)"
+            )
         device, dtype, num_prefix = self.device, self.activation_dtype, self.num_prefix_tokens
         counts = item_token_counts(grid_thw)
+        lengths = [num_prefix + n for n in counts]
+        if context is None:
+            context = VarlenContext.from_lengths(lengths, device, backend=self.attention_backend)
+        elif list(context.segments.lengths) != lengths:
+            raise ValueError(
+                f"the attention segments given ({len(context.segments.lengths)} of {context.segments.total} tokens) "
+                f"are not this pack's ({len(lengths)} of {sum(lengths)}); build them from the pack's grid"
+            )
         meta = PackMetadata(
             grid_thw=grid_thw,
-            context=VarlenContext.from_lengths([num_prefix + n for n in counts], device, backend=self.attention_backend),
-            device=device, dtype=dtype, num_prefix_tokens=num_prefix,
+            context=context,
+            device=device, dtype=dtype, model=self._metadata_owner, patch_positions=patch_positions,
+            interpolate_pos_encoding=bool(interpolate_pos_encoding), num_prefix_tokens=num_prefix,
         )
         if num_prefix:
             prefix_rows, patch_rows = prefix_token_index(counts, num_prefix)
@@ -387,8 +552,13 @@ class PackedVisionModel(nn.Module):
             maps = [torch.from_numpy(source_index), patch_rows, prefix_rows.flatten()]
             joined = to_device(torch.cat(maps), device).split([m.numel() for m in maps])
             meta.source_index, meta.patch_rows, meta.prefix_rows = joined
-        self.prepare_positions(meta, patch_positions, interpolate_pos_encoding)
+        self.prepare_positions(meta)
         return meta
+
+    @property
+    def _metadata_owner(self) -> tuple[str, VisionConfig]:
+        """What a pack's metadata depends on of the model besides device, dtype and backend."""
+        return self.family, self.config
 
     def _check_frames(self, grid_thw: torch.Tensor) -> None:
         if not self.takes_video and (grid_thw[:, 0] != 1).any():
@@ -400,81 +570,180 @@ class PackedVisionModel(nn.Module):
 
     def forward(
         self,
-        inputs,
+        inputs=None,
         grid_thw=None,
-        *,
         patch_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        *,
         metadata: PackMetadata | None = None,
-        output_hidden_states: bool = False,
         hidden_layers: Sequence[int] | None = None,
         hidden_states_only: bool = False,
         output_pooled: bool = True,
-        return_dict: bool | None = None,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | None = None,
+        hidden_states: torch.Tensor | None = None,
     ):
-        """Encodes a pack.
+        """Encodes a pack: ``model(batch)`` → ``PackedVisionOutput``.
 
-        ``inputs``: a ``PackedBatch`` (in the model's ``patch_layout``), or the patches
-        ``[total_patches, patch_dim]`` themselves with ``grid_thw [num_items, 3]`` (host) and, for
-        models that read them, ``patch_positions [total_patches, 3]``. Patches are moved to the
-        model's device and dtype. ``metadata``: a ``PackMetadata`` from ``prepare`` for these grids,
-        reused instead of built again. ``output_hidden_states``: every hidden state;
-        ``hidden_layers``: only these indices of them (0 = embeddings, -1 = last block).
-        ``hidden_states_only``: with ``hidden_layers``, compute those hidden states alone: no block
-        past the deepest one asked for runs, nor the final norm and the pooling (the output's
-        ``last_hidden_state``, ``prefix_tokens`` and ``pooler_output`` are ``None``).
+        ``batch``: a ``PackedBatch`` in the model's ``patch_layout`` (moved to the model's device and
+        dtype here). ``metadata``: a ``PackMetadata`` from ``prepare(batch)``, reused instead of
+        built again. ``hidden_layers``: the hidden states to return (0 = the embeddings, -1 = the
+        last block, before the final norm). ``hidden_states_only``: with ``hidden_layers``, those
+        hidden states alone: no block past the deepest of them runs, nor the final norm and the
+        pooling (``last_hidden_state``, ``prefix_tokens`` and ``pooler_output`` are ``None``).
         ``output_pooled=False``: the pooling head does not run (``pooler_output`` is ``None``).
-        ``interpolate_pos_encoding``: a learned fixed-grid position table (AIMv2 fixed-size
-        checkpoints) is resized to other grids instead of refusing them (beyond the reference).
 
-        Returns a ``PackedVisionOutput`` for a ``PackedBatch`` or ``return_dict=True``; with patches
-        and no ``return_dict``, what the family's published packed model returned
-        (``returns_output_by_default``): the output, or the ``last_hidden_state`` tensor.
+        The earlier call forms, translated by ``_compat_call`` (the only place they exist): the
+        patches ``[total_patches, patch_dim]`` (also as ``hidden_states=``) with ``grid_thw
+        [num_items, 3]`` and, for models that read them, ``patch_positions [total_patches, 3]``;
+        ``output_hidden_states`` (every hidden state); ``return_dict``; ``interpolate_pos_encoding``
+        for this call (see the model's attribute). ``patch_positions``, ``output_hidden_states``
+        and ``return_dict`` may be given by position, in the order of OneVision's published
+        ``LlavaViTPackingModel.forward``. Those forms return a ``PackedVisionOutput`` for a
+        ``PackedBatch`` or ``return_dict=True``; for patches without ``return_dict``, what the
+        family's published packed model returned (``returns_output_by_default``): the output, or
+        the ``last_hidden_state`` tensor.
         """
+        earlier = (grid_thw, patch_positions, output_hidden_states, return_dict, interpolate_pos_encoding, hidden_states)
+        if not isinstance(inputs, PackedBatch) or any(value is not None for value in earlier):
+            return self._compat_call(inputs, *earlier, metadata=metadata, hidden_layers=hidden_layers,
+                                     hidden_states_only=hidden_states_only, output_pooled=output_pooled)
+        return self._run(inputs, metadata, hidden_layers, hidden_states_only, output_pooled)
+
+    def _run(self, batch: PackedBatch, metadata: PackMetadata | None, layers, stop_early: bool, pool: bool):
+        """``encode``, or the automatic graphs where they apply (small packs in inference on CUDA)."""
+        if metadata is None and layers is None and not stop_early:
+            graphed = self._graphed(batch, pool)
+            if graphed is not None:
+                return graphed
+        return self.encode(batch, metadata=metadata, layers=layers, stop_early=stop_early, pool=pool)
+
+    def _compat_call(self, inputs, grid_thw, patch_positions, output_hidden_states, return_dict,
+                     interpolate_pos_encoding, hidden_states, *, metadata, hidden_layers, hidden_states_only,
+                     output_pooled):
+        """The earlier call forms → ``encode``; a contradiction between them and the documented
+        keywords is refused, never resolved."""
+        if hidden_states is not None:
+            if inputs is not None:
+                raise ValueError("pass the patches once: as the first argument or as hidden_states=, not both")
+            inputs = hidden_states
         if isinstance(inputs, PackedBatch):
             if grid_thw is not None or patch_positions is not None:
                 raise ValueError("pass a PackedBatch alone, or patches with grid_thw (and patch_positions), not both")
-            if inputs.patch_layout != self.patch_layout:
-                raise ValueError(
-                    f"the batch's patches are flattened {inputs.patch_layout!r} but {type(self).__name__} reads "
-                    f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
-                    f"batch with this model's processor: packvit.load_processor(model)"
-                )
-            patches, grid, patch_positions = inputs.patches, inputs.grid_thw, inputs.patch_positions
-            as_output = True if return_dict is None else return_dict
+            batch, as_output = inputs, return_dict is not False
         else:
-            if grid_thw is None:
+            if inputs is None or grid_thw is None:
                 raise ValueError("pass a PackedBatch, or patches [total_patches, patch_dim] with grid_thw [num_items, 3]")
-            patches, grid = inputs, validate_grid_thw(grid_thw)
+            batch = PackedBatch(inputs, grid_thw, self.patch_layout, patch_positions)
             as_output = self.returns_output_by_default if return_dict is None else return_dict
-        validate_patches(patches, grid, self.patch_dim)
-        if patches.device.type == "meta":
-            raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
-        if metadata is None:
-            metadata = self.prepare(grid, patch_positions, interpolate_pos_encoding=interpolate_pos_encoding)
-        else:
-            self._check_metadata(metadata, grid)
-        keep = list(range(self.num_hidden_layers + 1)) if output_hidden_states else []
-        if hidden_layers is not None:
-            keep = normalize_layer_indices(hidden_layers, self.num_hidden_layers)
-        if hidden_states_only and not keep:
-            raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
-        if hidden_states_only:
-            output = self._encode_hidden_states(patches, metadata, keep)
-        else:
-            output = self._encode(patches, metadata, keep, output_pooled)
+        if output_hidden_states:
+            if hidden_layers is not None:
+                raise ValueError(
+                    "output_hidden_states=True asks for every hidden state and hidden_layers for some of them; "
+                    "pass one of the two"
+                )
+            hidden_layers = range(self.num_hidden_layers + 1)
+        setting = self.interpolate_pos_encoding
+        if interpolate_pos_encoding is not None:  # the model's attribute, for this call
+            self.interpolate_pos_encoding = interpolate_pos_encoding
+        try:
+            output = self._run(batch, metadata, hidden_layers, hidden_states_only, output_pooled)
+        finally:
+            self.interpolate_pos_encoding = setting
         if as_output:
             return output
         return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
 
-    def _check_metadata(self, meta: PackMetadata, grid_thw: torch.Tensor) -> None:
-        if not torch.equal(meta.grid_thw, grid_thw):
-            raise ValueError("metadata was prepared for another grid_thw; call model.prepare(batch) for this batch")
+    def encode(self, batch: PackedBatch, *, metadata: PackMetadata | None = None, layers: Sequence[int] | None = None,
+               stop_early: bool = False, pool: bool = True, blocks=None) -> PackedVisionOutput:
+        """The forward template: check → metadata → embed → blocks → final norm → split → pool.
+
+        ``metadata``: from ``prepare(batch)``, or built here. ``layers``: the hidden states to keep
+        (indices as in ``forward``'s ``hidden_layers``); ``stop_early``: return those alone, running
+        no block past the deepest. ``pool=False``: no pooling head. ``blocks``: a callable
+        ``(x [S, D], metadata) -> [S, D]`` run in place of the block stack (the replay of captured
+        graphs); the sequence it returns must stay valid until the template has used it.
+        """
+        self._check_batch(batch)
+        if metadata is None:
+            metadata = self.prepare(batch)
+        else:
+            self._check_metadata(metadata, batch)
+        keep = [] if layers is None else normalize_layer_indices(layers, self.num_hidden_layers)
+        if stop_early and not keep:
+            raise ValueError("hidden_states_only=True needs the hidden states to compute: pass hidden_layers=[...]")
+        if blocks is not None and keep:
+            raise ValueError("a blocks= hook replaces the whole block stack, so it gives no hidden states; pass no layers")
+        patches = batch.patches.to(device=metadata.device, non_blocking=True).to(metadata.dtype)
+        x = self.embed(patches, metadata)  # [S, D]
+        if blocks is None:
+            x, kept = self.run_blocks(x, metadata, keep, num_blocks=max(keep) if stop_early else None)
+        else:
+            x, kept = blocks(x, metadata), {}
+        hidden = [self.split_prefix(kept[index], metadata) for index in keep]
+        hidden_states = tuple(h for h, _ in hidden) if keep else None
+        prefix_hidden_states = tuple(p for _, p in hidden) if keep and metadata.num_prefix_tokens else None
+        if stop_early:
+            return PackedVisionOutput(None, hidden_states=hidden_states, prefix_hidden_states=prefix_hidden_states)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        patch_tokens, prefix_tokens = self.split_prefix(x, metadata)
+        return PackedVisionOutput(
+            last_hidden_state=patch_tokens,
+            pooler_output=self.pool(x, metadata, prefix_tokens) if pool else None,
+            hidden_states=hidden_states,
+            prefix_tokens=prefix_tokens,
+            prefix_hidden_states=prefix_hidden_states,
+        )
+
+    def _check_batch(self, batch: PackedBatch) -> None:
+        if not isinstance(batch, PackedBatch):
+            raise ValueError(f"pass a PackedBatch (the model's processor makes one), got {type(batch).__name__}")
+        if batch.patch_layout != self.patch_layout:
+            raise ValueError(
+                f"the batch's patches are flattened {batch.patch_layout!r} but {type(self).__name__} reads "
+                f"{self.patch_layout!r} ({'(p, p, C)' if self.patch_layout == 'ppc' else '(C, p, p)'}); build the "
+                f"batch with this model's processor: packvit.load_processor(model)"
+            )
+        if batch.origin is not None and batch.origin.family != self.family:
+            raise ValueError(
+                f"the batch was made by the {batch.origin.family} processor, and {type(self).__name__} is a "
+                f"{self.family} model: its pixels are resized and normalised for another model (mean "
+                f"{batch.origin.image_mean}, std {batch.origin.image_std}); build the batch with this model's "
+                f"processor: packvit.load_processor(model)"
+            )
+        validate_patches(batch.patches, batch.grid_thw, self.patch_dim)
+        if batch.patches.device.type == "meta":
+            raise ValueError("patches are on the meta device and hold no values; pass real pixel data")
+
+    def _check_metadata(self, meta: PackMetadata, batch: PackedBatch) -> None:
+        """``ValueError`` unless ``meta`` is what ``prepare(batch)`` would build now. Host values
+        only: positions on the device are compared by identity (a sync would be needed otherwise)."""
+        redo = "call model.prepare(batch) for this batch"
+        if meta.model != self._metadata_owner:
+            raise ValueError(f"metadata was prepared by another model (a {meta.model[0]} of another configuration); {redo}")
+        if meta.grid_thw is not batch.grid_thw and not torch.equal(meta.grid_thw, batch.grid_thw):
+            raise ValueError(f"metadata was prepared for another grid_thw; {redo}")
+        if not _same_positions(meta.patch_positions, batch.patch_positions):
+            raise ValueError(
+                f"metadata was prepared for other patch_positions ({_describe_positions(meta.patch_positions)}, the "
+                f"batch has {_describe_positions(batch.patch_positions)}); {redo}"
+            )
+        if meta.interpolate_pos_encoding != bool(self.interpolate_pos_encoding):
+            raise ValueError(
+                f"metadata was prepared with interpolate_pos_encoding={meta.interpolate_pos_encoding} and the model "
+                f"now has {bool(self.interpolate_pos_encoding)}; {redo}"
+            )
         if meta.device != self.device or meta.dtype != self.activation_dtype:
             raise ValueError(
                 f"metadata was prepared for {meta.device} {meta.dtype}, the model computes on {self.device} "
                 f"{self.activation_dtype}; call model.prepare(batch) again after moving the model or setting "
                 f"compute_dtype"
+            )
+        if meta.context.backend != self.attention_backend:
+            raise ValueError(
+                f"metadata was prepared for the attention backend {meta.context.backend!r} and the model now has "
+                f"attention_backend={self.attention_backend!r}; {redo}"
             )
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
@@ -483,15 +752,13 @@ class PackedVisionModel(nn.Module):
             return checkpoint(call, x, meta.context, meta.rotary, use_reentrant=False, **self._checkpoint_kwargs)
         return call(x, meta.context, meta.rotary)
 
-    def run_blocks(self, patches: torch.Tensor, meta: PackMetadata, keep: Sequence[int],
+    def run_blocks(self, x: torch.Tensor, meta: PackMetadata, keep: Sequence[int] = (),
                    num_blocks: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Embeds ``patches`` and runs the first ``num_blocks`` blocks (all by default).
+        """The first ``num_blocks`` blocks (all by default) on the embedded sequence ``x [S, D]``.
 
         Returns the sequence ``[S, D]`` after the last block run, and ``{index: hidden state [S, D]}``
         for the indices in ``keep`` (0 = the embeddings). Nothing else is kept.
         """
-        patches = patches.to(device=meta.device, non_blocking=True).to(meta.dtype)
-        x = self.embed(patches, meta)  # [S, D]
         kept = {0: x} if 0 in keep else {}
         for index, block in enumerate(self.blocks[:num_blocks], start=1):
             x = self._run_block(block, x, meta)
@@ -505,27 +772,3 @@ class PackedVisionModel(nn.Module):
             return x, None
         prefix = x.index_select(0, meta.prefix_rows).view(meta.num_items, meta.num_prefix_tokens, x.shape[-1])
         return x.index_select(0, meta.patch_rows), prefix
-
-    def _encode(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int], output_pooled: bool) -> PackedVisionOutput:
-        x, kept = self.run_blocks(patches, meta, keep)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        patch_tokens, prefix_tokens = self.split_prefix(x, meta)
-        hidden = [self.split_prefix(kept[index], meta) for index in keep]
-        return PackedVisionOutput(
-            last_hidden_state=patch_tokens,
-            pooler_output=self.pool(x, meta, prefix_tokens) if output_pooled else None,
-            hidden_states=tuple(h for h, _ in hidden) if keep else None,
-            prefix_tokens=prefix_tokens,
-            prefix_hidden_states=tuple(p for _, p in hidden) if keep and meta.num_prefix_tokens else None,
-        )
-
-    def _encode_hidden_states(self, patches: torch.Tensor, meta: PackMetadata, keep: list[int]) -> PackedVisionOutput:
-        """The hidden states ``keep`` alone: the blocks up to the deepest of them, nothing after."""
-        _, kept = self.run_blocks(patches, meta, keep, num_blocks=max(keep))
-        hidden = [self.split_prefix(kept[index], meta) for index in keep]
-        return PackedVisionOutput(
-            last_hidden_state=None,
-            hidden_states=tuple(h for h, _ in hidden),
-            prefix_hidden_states=tuple(p for _, p in hidden) if meta.num_prefix_tokens else None,
-        )

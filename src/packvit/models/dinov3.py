@@ -113,6 +113,7 @@ class DINOv3ViTPacking(PackedVisionModel):
 
     family = "dinov3"
     config_class = DINOv3Config
+    has_cls_token = True
     config: DINOv3Config
 
     @property
@@ -172,7 +173,7 @@ class DINOv3ViTPacking(PackedVisionModel):
             (r"^norm\.", "final_norm."),
         ])
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
         """RoPE table of the whole sequence, shared by all blocks: identity rows for prefix tokens."""
         config, device, dtype = self.config, meta.device, meta.dtype
         coordinates = to_device(normalized_patch_centres(meta.grid_thw), device)  # [total_patches, 2]

@@ -162,6 +162,7 @@ class LlavaViTPackingModel(PackedVisionModel):
     config_class = LlavaViTPackingConfig
     patch_layout = "cpp"
     takes_video = True
+    reads_patch_positions = True
     returns_output_by_default = True
     config: LlavaViTPackingConfig
 
@@ -209,12 +210,13 @@ class LlavaViTPackingModel(PackedVisionModel):
                                                           config.num_channels, config.patch_size)
         return config.to_dict(), state
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
-        if patch_positions is None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
+        given = meta.patch_positions
+        if given is None:
             positions = to_device(token_positions(meta.grid_thw), meta.device)  # host int64 [S, 3] → device
         else:
-            validate_patch_positions(patch_positions, meta.total_patches)
-            positions = to_device(patch_positions, meta.device) if patch_positions.device.type == "cpu" else patch_positions.to(meta.device)
+            validate_patch_positions(given, meta.total_patches)
+            positions = to_device(given, meta.device) if given.device.type == "cpu" else given.to(meta.device)
         cos, sin = rope_3d_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # [S, hd] float32 each
         meta.rotary = RotaryTable(cos, sin, "interleaved")
 

@@ -114,14 +114,15 @@ class Siglip2NaflexPacking(PackedVisionModel):
         """transformers' SigLIP2 names → packvit's.
 
         Full SigLIP2 checkpoints (and vision-only ones saved by transformers 4.x) hold the tower
-        under ``vision_model.``; transformers 5 saves ``Siglip2VisionModel`` without a prefix; the
-        text tower, logit scale and bias are dropped. Per layer ``self_attn.{q,k,v}_proj`` fuse into
-        ``attn.qkv`` (rows q, k, v) and ``self_attn.out_proj`` becomes ``attn.proj``.
+        under ``vision_model.``, beside the text tower, logit scale and bias, which are dropped;
+        transformers 5 saves ``Siglip2VisionModel`` without a prefix. Any other tensor is kept, to be
+        reported. Per layer ``self_attn.{q,k,v}_proj`` fuse into ``attn.qkv`` (rows q, k, v) and
+        ``self_attn.out_proj`` becomes ``attn.proj``.
         """
-        if any(key.startswith("vision_model.") for key in state):
-            state = strip_prefix(state, ("vision_model.",), drop_others=True)
-        state = {key: value for key, value in state.items()
-                 if key.split(".")[0] in ("embeddings", "encoder", "post_layernorm", "head")}
+        if "vision_model.embeddings.patch_embedding.weight" in state:
+            state = {key: value for key, value in state.items()
+                     if not key.startswith("text_model.") and key not in ("logit_scale", "logit_bias")}
+            state = strip_prefix(state, ("vision_model.",))
         for i in range(self.config.num_hidden_layers):
             attention = f"encoder.layers.{i}.self_attn"
             state = fuse_linear(state, f"{attention}.qkv", [f"{attention}.{n}_proj" for n in "qkv"], with_bias=True)
@@ -134,6 +135,6 @@ class Siglip2NaflexPacking(PackedVisionModel):
             (r"^head\.layernorm\.", "head.norm."),
         ])
 
-    def prepare_positions(self, meta: PackMetadata, patch_positions, interpolate_pos_encoding: bool) -> None:
+    def prepare_positions(self, meta: PackMetadata) -> None:
         side = self.config.position_grid_size
         meta.position_lookup = TableLookup.build(meta.grid_thw, (side, side), "bilinear", meta.device)
