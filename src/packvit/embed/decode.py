@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._optional import require
+
 __all__ = [
     "STATUSES",
     "DEFAULT_MAX_PIXELS",
@@ -84,11 +86,7 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
 
 def require_av():
     """PyAV, or an ``ImportError`` that names the extra to install."""
-    try:
-        import av
-    except ImportError:
-        raise ImportError("video inputs need PyAV: pip install 'packvit[video]' (or pip install av)") from None
-    return av
+    return require("av", "video", "reading video files")
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:

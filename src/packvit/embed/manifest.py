@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from .writer import METADATA_COLUMNS, OutputLayout, require_pyarrow, write_atomic
 
 __all__ = ["MANIFEST_FORMAT", "Summary", "versions", "settings_differences", "open_output", "summarize", "finish_manifest"]

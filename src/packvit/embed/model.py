@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import read_config_dict, resolve_checkpoint
-from ..models.registry import family_config
+from ..models.registry import family_config, model_class
 from ..packing import PackedBatch
+from ..preprocess import load_processor
 
 __all__ = ["ProcessorSpec", "CheckpointInfo", "describe_checkpoint", "Encoder", "load_encoder", "token_names"]
 
@@ -54,9 +55,7 @@ class ProcessorSpec:
 
     def build(self):
         """The processor: ``processor(images=None, videos=None) -> PackedBatch``."""
-        import packvit
-
-        return functools.partial(packvit.load_processor(self.checkpoint), native=self.native,
+        return functools.partial(load_processor(self.checkpoint), native=self.native,
                                  max_num_patches=self.max_num_patches)
 
 
@@ -147,8 +146,6 @@ class Encoder:
 def load_encoder(info: CheckpointInfo, processor: ProcessorSpec, *, device=None, dtype=None, save_tokens: bool = False,
                  layers: Sequence[int] = ()) -> Encoder:
     """Loads a described checkpoint for embedding (see ``Encoder`` for the tokens it returns)."""
-    import packvit
-
     info.check_layers(layers)
-    model = packvit.from_pretrained(str(info.directory), device=device, dtype=dtype)
+    model = model_class(info.family).from_pretrained(info.directory, device=device, dtype=dtype)
     return Encoder(model, info, processor, save_tokens, tuple(layers))

@@ -263,7 +263,7 @@ def _encode_tasks(encoder: Encoder, tasks: Sequence[Task], layout: OutputLayout,
              "workers": workers}
     start = time.perf_counter()
     iterator = iter(loader)  # workers fork here, before the writer thread starts
-    writer = ShardWriter(layout, tasks, embedding_dim, OUTPUT_DTYPES[options.dtype], encoder.token_names, token_dim)
+    writer = ShardWriter(layout, {task.index: task.num_inputs for task in tasks}, embedding_dim, OUTPUT_DTYPES[options.dtype], encoder.token_names, token_dim)
     progress = _Progress(tasks, ranks, options.quiet)
 
     def finished(done: list[int]) -> None:

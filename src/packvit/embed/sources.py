@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .._optional import require
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
@@ -159,9 +161,7 @@ def read_path_list(source: Path, path_column: str | None = None) -> list[str]:
             column = _path_column(reader.fieldnames or [], path_column, source)
             paths = [row[column] for row in reader]
     else:
-        from .writer import require_pyarrow
-
-        parquet = require_pyarrow("reading a .parquet list")
+        parquet = require("pyarrow.parquet", "embed", "reading a .parquet list")
         columns = parquet.read_schema(source).names
         column = _path_column(columns, path_column, source)
         paths = [str(value) for value in parquet.read_table(source, columns=[column]).column(column).to_pylist()]

@@ -23,13 +23,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .._optional import require
 from .packer import Row
-from .sources import Task
 
 __all__ = [
     "METADATA_COLUMNS",
@@ -48,11 +48,7 @@ _SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32",
 
 def require_pyarrow(purpose: str = "writing the metadata parquet files"):
     """``pyarrow.parquet``, or an ``ImportError`` naming the extra to install."""
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise ImportError(f"{purpose} needs pyarrow: pip install 'packvit[embed]' (or pip install pyarrow)") from None
-    return parquet
+    return require("pyarrow.parquet", "embed", purpose)
 
 
 def metadata_schema():
@@ -194,10 +190,10 @@ class ShardWriter:
     for everything submitted and re-raises the thread's error.
     """
 
-    def __init__(self, layout: OutputLayout, tasks: Sequence[Task], embedding_dim: int, dtype: np.dtype,
+    def __init__(self, layout: OutputLayout, expected: Mapping[int, int | None], embedding_dim: int, dtype: np.dtype,
                  token_names: Sequence[str] = (), token_dim: int | None = None, max_pending: int = 8):
         self.layout = layout
-        self.expected = {task.index: task.num_inputs for task in tasks}
+        self.expected = dict(expected)  # task → its input count (None for a tar until it is read)
         self.embedding_dim = embedding_dim
         self.dtype = np.dtype(dtype)
         self.token_names = tuple(token_names)
