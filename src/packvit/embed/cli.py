@@ -7,7 +7,8 @@ import os
 import sys
 
 from .decode import DEFAULT_MAX_PIXELS
-from .run import EmbedOptions, embed
+from .options import EmbedOptions
+from .run import embed
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs ``packvit embed``; 0 when every shard is done (failed inputs included), 1 when some are not,
     2 on a usage error."""
-    options = {name: getattr(args, name) for name in EmbedOptions.__dataclass_fields__}
+    options = {name: getattr(args, name) for name in EmbedOptions.names()}
     try:
         summary = embed(args.model, args.input, args.output, **options)
     except (ValueError, ImportError) as error:

@@ -1,8 +1,8 @@
 """``manifest.json``: what an output folder was made with, which shards are done, and the summary.
 
-The ``settings`` block is what a rerun must match to continue a folder (the model's config hash
-and weight files, the processor settings, the output format, the resolved input); versions and
-run times are recorded but do not have to match.
+The ``settings`` block (``build_settings``) is what a rerun must match to continue a folder (the
+model's config hash and weight files, the processor settings, the output format, the resolved
+input), except ``NOT_COMPARED``; versions and run times are recorded but do not have to match.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ from typing import Sequence
 
 import torch
 
+from .._optional import require
 from .._version import __version__
-from .writer import METADATA_COLUMNS, OutputLayout, require_pyarrow, write_atomic
+from .layout import METADATA_COLUMNS, OutputLayout, write_atomic
+from .model import CheckpointInfo
+from .options import EmbedOptions
+from .sources import InputPlan
 
-__all__ = ["MANIFEST_FORMAT", "Summary", "versions", "settings_differences", "open_output", "summarize", "finish_manifest"]
+__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "RunStats", "Summary", "versions", "build_settings",
+           "settings_differences", "open_output", "summarize", "finish_manifest"]
 
 MANIFEST_FORMAT = "packvit-embed/1"
 
@@ -35,6 +40,22 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def build_settings(info: CheckpointInfo, plan: InputPlan, given: Sequence[str], options: EmbedOptions,
+                   model_dtype: torch.dtype) -> dict:
+    """The ``settings`` block of a run: model, processor, output and input."""
+    return {
+        "model": {"checkpoint": info.checkpoint, "family": info.family, "config_sha256": info.config_sha256,
+                  "weights": info.weights, "dtype": str(model_dtype).replace("torch.", "")},
+        "processor": {"native": not options.fixed, "max_num_patches": options.max_num_patches,
+                      "max_pixels": options.max_pixels, "num_frames": options.num_frames,
+                      "videos": "clips" if info.takes_video else "frames as items"},
+        "output": {"dtype": options.dtype, "normalize": options.normalize, "tokens": list(options.token_names),
+                   "shard_size": options.shard_size},
+        "input": {"given": list(given), "kind": plan.kind, "num_inputs": plan.num_inputs, "num_tasks": len(plan.tasks),
+                  "fingerprint": plan.fingerprint},
+    }
+
+
 def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
     flat = {}
     for key, value in settings.items():
@@ -46,13 +67,13 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
 
 
 #: settings recorded for information, not compared (the same model or input may be named differently)
-_NOT_COMPARED = ("model.checkpoint", "input.given")
+NOT_COMPARED = ("model.checkpoint", "input.given")
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
     """``"key: old → new"`` for each compared setting that differs."""
     old_flat, new_flat = _flatten(old), _flatten(new)
-    keys = sorted((old_flat.keys() | new_flat.keys()) - set(_NOT_COMPARED))
+    keys = sorted((old_flat.keys() | new_flat.keys()) - set(NOT_COMPARED))
     return [f"{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}" for key in keys if old_flat.get(key) != new_flat.get(key)]
 
 
@@ -100,6 +121,20 @@ def _now() -> str:
 
 
 @dataclass
+class RunStats:
+    """Where one process's run went: seconds in all, waiting for the DataLoader workers and waiting
+    to hand packs to the writer; inputs, items and patch tokens it encoded; its worker count."""
+
+    workers: int = 0
+    wall_s: float = 0.0
+    data_wait_s: float = 0.0
+    writer_wait_s: float = 0.0
+    inputs: int = 0
+    items: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class Summary:
     """The outcome of a run over the whole folder: rows by status, shards done and missing."""
 
@@ -110,7 +145,8 @@ class Summary:
     shards_total: int = 0
     missing_shards: list[str] = field(default_factory=list)
     failures_file: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    #: this process's figures (each rank has its own); ``None`` when it encoded nothing
+    stats: RunStats | None = None
 
     @property
     def ok(self) -> int:
@@ -136,7 +172,7 @@ class Summary:
 def summarize(layout: OutputLayout, tasks: Sequence[int], with_tokens: bool) -> Summary:
     """Counts the rows of every done shard by status and writes ``failures.parquet`` (the failed
     rows of all shards, with a ``shard`` column) when there are any."""
-    parquet = require_pyarrow()
+    parquet = require("pyarrow.parquet", "embed", "reading the metadata parquet files")
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -1,10 +1,13 @@
-"""Inputs of ``packvit embed``: what to read, split into deterministic tasks.
+"""The sources stage of ``packvit embed``: what to read, split into deterministic tasks, and one
+reader per input kind.
 
 An input is one folder (read recursively), one list file (``.txt``: a path a line; ``.csv`` or
 ``.parquet``: a path column), or WebDataset-style ``.tar`` shards (paths, brace patterns such as
-``shards/{000..009}.tar``, or globs). The inputs are resolved the same way on every rank, in a
-fixed order, and split into tasks: ``shard_size`` consecutive files per task, or one tar per task.
-Each task becomes one output shard.
+``shards/{000..009}.tar``, or globs). ``plan_inputs`` resolves them the same way on every rank, in
+a fixed order, into tasks: ``shard_size`` consecutive files per task, or one tar per task. Each task
+becomes one output shard. A task's reader (``reader_of``) deals it in ``Chunk``s to DataLoader
+workers and reads a chunk into ``SourceInput``s: ``FilesReader`` for files, ``TarReader`` for a tar's
+samples.
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .._optional import require
+from .decode import InputError, media_kind
+from .layout import Row
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "VIDEO_EXTENSIONS",
     "LIST_EXTENSIONS",
     "PATH_COLUMNS",
+    "CHUNK_INPUTS",
     "Task",
     "Chunk",
+    "SourceInput",
     "InputPlan",
-    "media_kind",
+    "FilesReader",
+    "TarReader",
+    "reader_of",
     "expand_braces",
     "list_folder",
     "read_path_list",
@@ -36,8 +43,6 @@ __all__ = [
     "iter_tar_samples",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"})
 LIST_EXTENSIONS = (".txt", ".csv", ".parquet")
 #: columns a ``.csv`` / ``.parquet`` list is searched for, in order, when no column is named
 PATH_COLUMNS = ("image_path", "path", "filepath", "file", "filename")
@@ -45,60 +50,113 @@ PATH_COLUMNS = ("image_path", "path", "filepath", "file", "filename")
 CHUNK_INPUTS = 32
 
 
-def media_kind(name: str) -> str | None:
-    """``"image"``, ``"video"`` or ``None`` (unsupported) from a file name's extension (or from an
-    extension alone, such as a WebDataset member's ``".jpg"``)."""
-    base = os.path.basename(name)
-    suffix = "." + base.rsplit(".", 1)[1].lower() if "." in base else ""
-    if suffix in IMAGE_EXTENSIONS:
-        return "image"
-    if suffix in VIDEO_EXTENSIONS:
-        return "video"
-    return None
-
-
 @dataclass(frozen=True)
 class Task:
-    """One unit of work and of output: shard ``index``.
+    """One unit of work and of output: shard ``index``, read by the reader named ``reader``.
 
-    ``kind == "files"``: ``paths`` are the task's input files, the first having source index
-    ``first_index``. ``kind == "tar"``: ``paths`` is the one tar shard, whose samples are only
-    known once it is read.
+    ``"files"``: ``paths`` are the task's input files, the first having source index
+    ``first_index``. ``"tar"``: ``paths`` is the one tar shard, whose samples are only known once
+    it is read.
     """
 
     index: int
-    kind: str
+    reader: str
     paths: tuple[str, ...]
     first_index: int = 0
 
     @property
     def num_inputs(self) -> int | None:
         """Inputs in the task, ``None`` for a tar until it is read."""
-        return len(self.paths) if self.kind == "files" else None
+        return len(self.paths) if self.reader == "files" else None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Inputs ``start .. stop`` of a task (a tar task is one chunk: the whole tar)."""
+    """Inputs ``start .. stop`` of a task; ``stop`` is ``None`` for a whole task whose size is only
+    known once it is read (a tar)."""
 
     task: int
     start: int
     stop: int | None
 
 
+@dataclass
+class SourceInput:
+    """One input as its reader gives it: the ``input_index``-th of task ``task``, its metadata
+    ``row`` (where it came from), the ``name`` whose extension gives its media kind and its ``data``
+    (a path to read, or the bytes of a tar member); ``failure`` where it already failed to read."""
+
+    task: int
+    input_index: int
+    row: Row
+    name: str
+    data: str | bytes | None = None
+    failure: InputError | None = None
+
+
 @dataclass(frozen=True)
 class InputPlan:
-    """The tasks of an input and its fingerprint (a hash of every path, in order)."""
+    """The tasks of an input (``kind``: ``"folder"``, ``"list"`` or ``"tar"``) and its fingerprint
+    (a hash of every path, in order)."""
 
     kind: str
     tasks: tuple[Task, ...]
     num_inputs: int | None
     fingerprint: str
 
-    @property
-    def shard_width(self) -> int:
-        """Digits of the shard numbers: ``int(log10(num_tasks)) + 1``, as clip-retrieval pads them."""
-        return len(str(max(len(self.tasks), 1)))
+
+class FilesReader:
+    """Files on disk, ``CHUNK_INPUTS`` of a task at a time."""
+
+    @staticmethod
+    def chunks(task: Task) -> list[Chunk]:
+        return [Chunk(task.index, start, min(start + CHUNK_INPUTS, len(task.paths)))
+                for start in range(0, len(task.paths), CHUNK_INPUTS)]
+
+    @staticmethod
+    def read(task: Task, chunk: Chunk) -> Iterator[SourceInput]:
+        for input_index in range(chunk.start, chunk.stop):
+            path = task.paths[input_index]
+            yield SourceInput(task.index, input_index, Row(image_path=path, source_index=task.first_index + input_index),
+                              name=path, data=path)
+
+
+class TarReader:
+    """A WebDataset tar, start to end, as one chunk: each sample is an input (its first image or
+    video member); a sample without one is a ``no_image`` input, a tar that breaks off ends with an
+    ``unreadable`` one."""
+
+    @staticmethod
+    def chunks(task: Task) -> list[Chunk]:
+        return [Chunk(task.index, 0, None)]
+
+    @staticmethod
+    def read(task: Task, chunk: Chunk) -> Iterator[SourceInput]:
+        tar_path, count = task.paths[0], 0
+        try:
+            for key, members in iter_tar_samples(tar_path):
+                name = next((extension for extension in members if media_kind(extension)), None)
+                row = Row(image_path=f"{tar_path}/{key}{name or ''}", source_index=count, key=key)
+                if name is None:
+                    failure = InputError("no_image", f"the sample has no image or video member (members: "
+                                                     f"{', '.join(members) or 'none'})")
+                    yield SourceInput(task.index, count, row, name=key, failure=failure)
+                else:
+                    yield SourceInput(task.index, count, row, name=name, data=members[name])
+                count += 1
+        except Exception as error:  # tarfile raises OSError, EOFError or TarError for damaged shards
+            failure = InputError("unreadable", f"the tar shard cannot be read past its first {count} samples "
+                                               f"({type(error).__name__}: {error})")
+            yield SourceInput(task.index, count, Row(image_path=tar_path, source_index=count), name=tar_path,
+                              failure=failure)
+
+
+_READERS = {"files": FilesReader, "tar": TarReader}
+
+
+def reader_of(task: Task):
+    """The reader of a task's kind of input."""
+    return _READERS[task.reader]
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -221,16 +279,9 @@ def plan_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], shard_s
     return InputPlan(kind, tasks, len(paths), _fingerprint(kind, paths))
 
 
-def task_chunks(tasks: Sequence[Task], chunk_inputs: int = CHUNK_INPUTS) -> list[Chunk]:
+def task_chunks(tasks: Sequence[Task]) -> list[Chunk]:
     """The tasks' inputs in chunks, task after task: what DataLoader workers are dealt."""
-    chunks = []
-    for task in tasks:
-        if task.kind == "tar":
-            chunks.append(Chunk(task.index, 0, None))
-            continue
-        chunks.extend(Chunk(task.index, start, min(start + chunk_inputs, len(task.paths)))
-                      for start in range(0, len(task.paths), chunk_inputs))
-    return chunks
+    return [chunk for task in tasks for chunk in reader_of(task).chunks(task)]
 
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
