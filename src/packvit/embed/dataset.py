@@ -8,6 +8,7 @@ the one DataLoader of a run (and of its benchmark).
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Iterator, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from .packer import InputResult, Pack, Packer
 from .preprocess import ProcessorSpec, preprocess
 from .sources import Chunk, SourceInput, Task, reader_of, task_chunks
 
-__all__ = ["DecodeOptions", "EmbedDataset", "init_worker", "make_loader"]
+__all__ = ["DecodeOptions", "InputCounter", "EmbedDataset", "init_worker", "make_loader"]
 
 
 def init_worker(_worker_id: int) -> None:
@@ -27,18 +28,37 @@ def init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class InputCounter:
+    """How many inputs the workers have finished (read, decoded, preprocessed), shared by every
+    worker process and the main process."""
+
+    def __init__(self):
+        self._count = multiprocessing.Value("q", 0)
+
+    def add(self, count: int = 1) -> None:
+        with self._count.get_lock():
+            self._count.value += count
+
+    @property
+    def value(self) -> int:
+        return self._count.value
+
+
 class EmbedDataset(IterableDataset):
     """Yields ``Pack``s of at most ``token_budget`` tokens for the given chunks of ``tasks``, their
-    patches in ``patch_dtype`` (the model's dtype; ``None`` leaves the processor's float32)."""
+    patches in ``patch_dtype`` (the model's dtype; ``None`` leaves the processor's float32), counting
+    each input in ``counter`` as it is finished."""
 
     def __init__(self, tasks: Sequence[Task], chunks: Sequence[Chunk], processor: ProcessorSpec, token_budget: int,
-                 options: DecodeOptions = DecodeOptions(), patch_dtype: torch.dtype | None = None):
+                 options: DecodeOptions = DecodeOptions(), patch_dtype: torch.dtype | None = None,
+                 counter: InputCounter | None = None):
         self.tasks = {task.index: task for task in tasks}
         self.chunks = list(chunks)
         self.processor = processor
         self.token_budget = token_budget
         self.options = options
         self.patch_dtype = patch_dtype
+        self.counter = counter
 
     def __iter__(self) -> Iterator[Pack]:
         info = get_worker_info()
@@ -50,6 +70,8 @@ class EmbedDataset(IterableDataset):
             count = 0
             for source in reader_of(task).read(task, chunk):
                 result, items = self._process(source, processor)
+                if self.counter is not None:
+                    self.counter.add()
                 yield from packer.add(result, items)
                 count += 1
             if chunk.stop is None:  # the whole task: now its size is known
@@ -68,10 +90,12 @@ class EmbedDataset(IterableDataset):
 
 
 def make_loader(tasks: Sequence[Task], processor: ProcessorSpec, token_budget: int, options: DecodeOptions,
-                patch_dtype: torch.dtype | None, workers: int, device: torch.device) -> DataLoader:
+                patch_dtype: torch.dtype | None, workers: int, device: torch.device,
+                counter: InputCounter | None = None) -> DataLoader:
     """The DataLoader of ``tasks``' packs: ``workers`` processes (at most one per chunk; 0: in this
-    process), packs pinned for a CUDA ``device``, yielded as they are ready."""
+    process), packs pinned for a CUDA ``device``, yielded as they are ready; ``counter`` counts the
+    inputs as the workers finish them."""
     chunks = task_chunks(tasks)
-    dataset = EmbedDataset(tasks, chunks, processor, token_budget, options, patch_dtype)
+    dataset = EmbedDataset(tasks, chunks, processor, token_budget, options, patch_dtype, counter)
     return DataLoader(dataset, batch_size=None, num_workers=min(workers, len(chunks)),
                       pin_memory=torch.device(device).type == "cuda", worker_init_fn=init_worker, in_order=False)

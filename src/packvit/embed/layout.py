@@ -27,7 +27,8 @@ import numpy as np
 
 from .._optional import require
 
-__all__ = ["METADATA_COLUMNS", "Row", "metadata_table", "OutputFormat", "OutputLayout", "temporary_path", "write_atomic"]
+__all__ = ["METADATA_COLUMNS", "Row", "metadata_table", "OutputFormat", "OutputLayout", "check_output_folder",
+           "temporary_path", "write_atomic"]
 
 _TEMP_MARK = ".tmp-"
 
@@ -39,6 +40,10 @@ class Row:
     image_path: str
     source_index: int
     key: str | None = None
+    #: the text of a same-stem ``.txt`` beside the file (or a tar sample's ``.txt`` member)
+    caption: str | None = None
+    #: the text of a same-stem ``.json`` beside the file (or a tar sample's ``.json`` member)
+    json: str | None = None
     frame: int | None = None
     grid: tuple[int, int, int] = (0, 0, 0)
     status: str = "ok"
@@ -52,7 +57,8 @@ class Row:
 
 
 #: the metadata columns, in order, with their Arrow types (``grid`` is stored as ``t``, ``h``, ``w``)
-_COLUMN_TYPES = (("image_path", "string"), ("key", "string"), ("source_index", "int64"), ("frame", "int32"),
+_COLUMN_TYPES = (("image_path", "string"), ("caption", "string"), ("json", "string"), ("key", "string"),
+                 ("source_index", "int64"), ("frame", "int32"),
                  ("t", "int32"), ("h", "int32"), ("w", "int32"), ("status", "string"), ("error", "string"))
 METADATA_COLUMNS = tuple(name for name, _ in _COLUMN_TYPES)
 
@@ -130,6 +136,24 @@ class OutputLayout:
                 file.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def check_output_folder(root: Path) -> None:
+    """``ValueError`` unless ``root`` is a folder this process can write in, or can be made in its
+    (existing) parent folder; creates nothing."""
+    if root.exists():
+        if not root.is_dir():
+            raise ValueError(f"--output {root} is a file; pass a folder (it is made if it does not exist)")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {root} is not writable by this user; fix its permissions or pass another --output")
+        return
+    parent = root.absolute().parent
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise ValueError(f"--output {root} cannot be made: its parent {parent} {what}; make the parent folder first, "
+                         f"or check the path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {root} cannot be made: {parent} is not writable by this user; pass another --output")
 
 
 def temporary_path(path: Path) -> Path:

@@ -8,7 +8,6 @@ layers, on the host, in the output dtype).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,13 +22,27 @@ from ..packing import PackedBatch
 from .layout import OutputFormat
 from .packer import HostOutputs, Pack
 
-__all__ = ["CheckpointInfo", "describe_checkpoint", "Encoder", "load_encoder"]
+__all__ = ["OUTPUT_FILES", "sha256_of", "CheckpointInfo", "describe_checkpoint", "Encoder", "load_encoder"]
+
+
+#: the files of a checkpoint directory that decide a run's outputs: its configuration, its processor
+#: settings, its weights and their index
+OUTPUT_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's contents, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a run needs to know of a checkpoint before loading it: its family and model shape, and
-    what identifies it in a manifest (a hash of its ``config.json``, the sizes of its weight files)."""
+    (``file_hashes``) what identifies it in a manifest."""
 
     checkpoint: str
     directory: Path
@@ -38,8 +51,12 @@ class CheckpointInfo:
     head_dim: int
     #: whether the model takes a video as one item (else a video's frames are items)
     takes_video: bool
-    config_sha256: str
-    weights: dict[str, int]
+
+    def file_hashes(self) -> dict[str, str]:
+        """``{file name: SHA-256 of its contents}`` of every ``OUTPUT_FILES`` file there is (reading
+        every byte of the weights: about a second per 1.5 GB)."""
+        files = sorted({path for pattern in OUTPUT_FILES for path in self.directory.glob(pattern) if path.is_file()})
+        return {path.name: sha256_of(path) for path in files}
 
     def check_layers(self, layers: Sequence[int]) -> None:
         """Refuses hidden-state indices the model does not have (0 = embeddings, -1 = last layer)."""
@@ -62,8 +79,6 @@ def describe_checkpoint(checkpoint: str) -> CheckpointInfo:
         num_hidden_layers=family_settings.num_hidden_layers,
         head_dim=family_settings.head_dim,
         takes_video=model_class(family).takes_video,
-        config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        weights={file.name: file.stat().st_size for file in sorted(directory.glob("*.safetensors"))},
     )
 
 

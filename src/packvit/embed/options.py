@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+import torch
+
 from .decode import DEFAULT_MAX_PIXELS
 
-__all__ = ["OUTPUT_DTYPES", "EmbedOptions", "default_workers"]
+__all__ = ["OUTPUT_DTYPES", "WORKERS_RULE", "EmbedOptions", "default_workers"]
 
 #: the dtypes the embeddings and tokens can be stored in
 OUTPUT_DTYPES = ("float16", "float32")
@@ -22,7 +24,7 @@ class EmbedOptions:
     token_budget: int = 32_768
     workers: int | None = None
     dtype: str = "float16"
-    normalize: bool = False
+    normalize: bool = True
     save_tokens: bool = False
     layers: tuple[int, ...] = ()
     shard_size: int = 10_000
@@ -69,7 +71,13 @@ class EmbedOptions:
         return ("last_hidden_state",) if not self.layers else tuple(f"hidden_states.{index}" for index in self.layers)
 
 
-def default_workers(local_world_size: int = 1) -> int:
-    """DataLoader workers per process: this process's share of the CPU cores, less one for itself."""
+#: the default of ``--workers``, in words (docs/embed.md, "Speed", has the measurements behind it)
+WORKERS_RULE = "on CUDA the CPU cores per process less one (at least 1); on the CPU 0, decoding in the main process"
+
+
+def default_workers(device: torch.device | str, local_world_size: int = 1) -> int:
+    """DataLoader workers per process (``WORKERS_RULE``)."""
+    if torch.device(device).type != "cuda":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(local_world_size, 1) - 1)

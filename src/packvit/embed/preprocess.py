@@ -7,12 +7,11 @@ decoded input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..packing import PackedBatch
 from ..preprocess import load_processor
 from .decode import Decoded, InputError
-from .layout import Row
 from .packer import InputResult
 from .sources import SourceInput
 
@@ -31,7 +30,14 @@ class ProcessorSpec:
 
     def build(self):
         """The processor, these settings its defaults: ``processor(images=None, videos=None) -> PackedBatch``."""
-        return load_processor(self.checkpoint, native=self.native, max_num_patches=self.max_num_patches)
+        cap = {} if self.max_num_patches is None else {"max_num_patches": self.max_num_patches}  # None: the checkpoint's
+        return load_processor(self.checkpoint, native=self.native, **cap)
+
+    def settings(self) -> dict:
+        """The processor as it runs: its class and every resolved setting (``vars``: the cap it
+        applies, not the ``None`` asked for)."""
+        processor = self.build()
+        return {"class": type(processor).__name__, **vars(processor)}
 
     def probe(self) -> PackedBatch:
         """The processor built and run on one small grey image; ``ValueError`` where the family's
@@ -51,7 +57,7 @@ def preprocess(source: SourceInput, decoded: Decoded, processor) -> tuple[InputR
     processor refuses it."""
     row = source.row
     if decoded.frame_indices is not None:
-        rows = [Row(row.image_path, row.source_index, row.key, frame=index) for index in decoded.frame_indices]
+        rows = [replace(row, frame=index) for index in decoded.frame_indices]
     else:
         rows = [row]
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .._optional import require
+from ..attention import select_backend
 from ..models.base import default_dtype
-from .dataset import make_loader
+from .dataset import InputCounter, make_loader
 from .decode import DecodeOptions, media_kind, require_av
-from .layout import OutputLayout
+from .layout import OutputLayout, check_output_folder
 from .manifest import RunStats, Summary, build_settings, finish_manifest, open_output, summarize
 from .model import Encoder, describe_checkpoint, load_encoder
 from .options import EmbedOptions, default_workers
@@ -73,9 +75,35 @@ class _Ranks:
 
 
 def _device(options: EmbedOptions, ranks: _Ranks) -> torch.device:
-    if options.device is not None:
-        return torch.device(options.device)
-    return torch.device(f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
+    """The device to run on; ``ValueError`` for one torch does not know or cannot use here."""
+    if options.device is None:
+        return torch.device(f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(options.device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {options.device!r} is not a device torch knows ({error}); pass cpu, cuda or "
+                         f"cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {options.device}: this torch ({torch.__version__}) sees no CUDA device (built "
+                             f"for CUDA: {torch.version.cuda or 'no'}); pass --device cpu, or install a CUDA build of "
+                             f"torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {options.device}: there are {torch.cuda.device_count()} CUDA devices (0 .. "
+                             f"{torch.cuda.device_count() - 1}); pass one of them")
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if not callable(getattr(module, "is_available", None)) or not module.is_available():
+            raise ValueError(f"--device {options.device}: this torch cannot run on {device.type} here; pass cpu or cuda")
+    return device
+
+
+def _check_attention(device: torch.device, dtype: torch.dtype, info) -> None:
+    """Refuses a compute dtype or a forced attention backend that cannot run on ``device``."""
+    try:
+        select_backend(device, dtype, info.head_dim)
+    except ValueError as error:
+        raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
 
 
 def _check_inputs(plan: InputPlan) -> None:
@@ -95,8 +123,11 @@ def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict | None, o
             layout.make_folders(options.save_tokens)
             layout.remove_temporary_files()
             open_tasks = [task.index for task in plan.tasks if not layout.is_complete(task.index, options.save_tokens)]
-        except (ValueError, OSError) as error:
+        except ValueError as error:
             open_tasks = error
+        except OSError as error:
+            open_tasks = ValueError(f"--output {layout.root} cannot be written ({error}); check its permissions and "
+                                    f"free space, or pass another --output")
     open_tasks, fingerprint, num_tasks = ranks.broadcast((open_tasks, plan.fingerprint, len(plan.tasks)))
     if isinstance(open_tasks, BaseException):
         raise open_tasks
@@ -107,40 +138,56 @@ def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict | None, o
 
 
 class _Progress:
-    """A tqdm bar on rank 0 (inputs, items/s, tokens/s, ETA), or with ``quiet`` one log line per shard."""
+    """Progress on rank 0: a tqdm bar of the inputs the workers have finished (``counter``, redrawn
+    twice a second, so it moves input by input), with the inputs embedded, tokens/s and shards done
+    beside it; with ``quiet`` one log line per shard instead."""
 
-    def __init__(self, tasks: Sequence[Task], ranks: _Ranks, quiet: bool):
+    def __init__(self, tasks: Sequence[Task], ranks: _Ranks, quiet: bool, counter: InputCounter):
         counts = [task.num_inputs for task in tasks]
         total = sum(counts) if None not in counts else None
+        self.counter = counter
         self.num_tasks, self.done_tasks, self.inputs, self.tokens = len(tasks), 0, 0, 0
         self.quiet, self.prefix = quiet, f"[rank {ranks.rank}/{ranks.world_size}] " if ranks.world_size > 1 else ""
         self.start = time.perf_counter()
         self.bar = None if quiet or ranks.rank != 0 else tqdm(total=total, unit="input", dynamic_ncols=True,
                                                               desc=f"{self.prefix}embed", smoothing=0.05)
+        self._stop = threading.Event()
+        self._thread = None
+        if self.bar is not None:
+            self._thread = threading.Thread(target=self._redraw, name="packvit-embed-progress", daemon=True)
+            self._thread.start()
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(0.5):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Draws the bar at the inputs finished so far (the only place the bar is drawn)."""
+        if self.bar is None:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.n = self.counter.value
+        self.bar.set_postfix_str(f"embedded {self.inputs}, {self.tokens / elapsed:,.0f} tok/s, "
+                                 f"shards {self.done_tasks}/{self.num_tasks}", refresh=False)
+        self.bar.refresh()
 
     def pack(self, pack: Pack) -> None:
         self.inputs += pack.num_inputs
         self.tokens += pack.num_tokens
-        if self.bar is not None:
-            self.bar.update(pack.num_inputs)
-            self._postfix()
-
-    def _postfix(self) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s, shards {self.done_tasks}/{self.num_tasks}",
-                                 refresh=False)
 
     def shard(self, name: str) -> None:
         self.done_tasks += 1
-        if self.bar is not None:
-            self._postfix()
         if self.quiet:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             print(f"{self.prefix}shard {name} done ({self.done_tasks}/{self.num_tasks}): {self.inputs / elapsed:,.1f} "
                   f"inputs/s, {self.tokens / elapsed:,.0f} tokens/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         if self.bar is not None:
+            self.refresh()
             self.bar.close()
 
 
@@ -159,14 +206,15 @@ def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOpti
                   layout: OutputLayout, options: EmbedOptions, ranks: _Ranks,
                   on_task_done: Callable[[int], None] | None) -> RunStats:
     """Encodes and writes ``tasks``; returns this process's figures."""
-    workers = options.workers if options.workers is not None else default_workers(ranks.local_world_size)
-    loader = make_loader(tasks, processor, options.token_budget, decode, encoder.dtype, workers, encoder.device)
+    workers = options.workers if options.workers is not None else default_workers(encoder.device, ranks.local_world_size)
+    counter = InputCounter()
+    loader = make_loader(tasks, processor, options.token_budget, decode, encoder.dtype, workers, encoder.device, counter)
     stats = RunStats(workers=loader.num_workers)
     output_format = encoder.output_format(processor.probe())
     start = time.perf_counter()
     iterator = iter(loader)  # workers fork here, before the writer thread starts
     writer = ShardWriter(layout, {task.index: task.num_inputs for task in tasks}, output_format)
-    progress = _Progress(tasks, ranks, options.quiet)
+    progress = _Progress(tasks, ranks, options.quiet, counter)
 
     def finished(done: list[int]) -> None:
         for task in done:
@@ -181,8 +229,9 @@ def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOpti
             waited = time.perf_counter()
             writer.submit(pack, outputs)
             stats.writer_wait_s += time.perf_counter() - waited
-            stats.inputs, stats.items, stats.tokens = (stats.inputs + pack.num_inputs, stats.items + pack.num_items,
-                                                       stats.tokens + pack.num_tokens)
+            stats.inputs += pack.num_inputs
+            stats.items += pack.num_items
+            stats.tokens += pack.num_tokens
             progress.pack(pack)
             finished(writer.completed())
         closed = True
@@ -206,19 +255,23 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
     """
     options = EmbedOptions.of(**options)
     require("pyarrow.parquet", "embed", "writing the metadata parquet files")
+    check_output_folder(Path(output))
     ranks = _Ranks.from_environment()
     try:
+        # every check before anything is written
         given = [str(value) for value in ([input] if isinstance(input, (str, os.PathLike)) else input)]
-        plan = plan_inputs([os.path.abspath(value) for value in given], options.shard_size, options.path_column)
+        plan = plan_inputs([os.path.abspath(value) for value in given], options.shard_size, options.path_column,
+                           exclude=output)
         _check_inputs(plan)
         device = _device(options, ranks)
+        model_dtype = default_dtype(device, options.model_dtype)
         info = describe_checkpoint(model)
         info.check_layers(options.layers)
+        _check_attention(device, model_dtype, info)
         processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches)
         processor.probe()
-        model_dtype = default_dtype(device, options.model_dtype)
         layout = OutputLayout(Path(output), len(plan.tasks))
-        settings = build_settings(info, plan, given, options, model_dtype) if ranks.rank == 0 else None
+        settings = build_settings(info, processor.settings(), plan, given, options, model_dtype) if ranks.rank == 0 else None
         tasks = _claim_tasks(layout, plan, settings, options, ranks)
         stats = None
         if tasks:
@@ -230,7 +283,7 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
             dist.barrier()
         summary = None
         if ranks.rank == 0:
-            summary = summarize(layout, range(len(plan.tasks)), options.save_tokens)
+            summary = summarize(layout, range(len(plan.tasks)), options.save_tokens, plan.skipped)
             finish_manifest(layout, summary)
         summary = ranks.broadcast(summary)
         summary.stats = stats

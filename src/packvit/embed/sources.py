@@ -16,7 +16,7 @@ import glob
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,6 +32,7 @@ __all__ = [
     "Chunk",
     "SourceInput",
     "InputPlan",
+    "FolderListing",
     "FilesReader",
     "TarReader",
     "reader_of",
@@ -96,17 +97,34 @@ class SourceInput:
 
 @dataclass(frozen=True)
 class InputPlan:
-    """The tasks of an input (``kind``: ``"folder"``, ``"list"`` or ``"tar"``) and its fingerprint
-    (a hash of every path, in order)."""
+    """The tasks of an input (``kind``: ``"folder"``, ``"list"`` or ``"tar"``), its fingerprint (a
+    hash of every input path, in order) and, for a folder, the files that are not inputs, counted by
+    extension."""
 
     kind: str
     tasks: tuple[Task, ...]
     num_inputs: int | None
     fingerprint: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _text(data: bytes) -> str:
+    """A caption or JSON file's text (UTF-8; bytes that are not become U+FFFD)."""
+    return data.decode("utf-8", errors="replace")
+
+
+def _sidecar(path: str, extension: str) -> str | None:
+    """The text of the file beside ``path`` with its stem and ``extension``, if there is one."""
+    try:
+        with open(os.path.splitext(path)[0] + extension, "rb") as handle:
+            return _text(handle.read())
+    except OSError:
+        return None
 
 
 class FilesReader:
-    """Files on disk, ``CHUNK_INPUTS`` of a task at a time."""
+    """Files on disk, ``CHUNK_INPUTS`` of a task at a time; a same-stem ``.txt`` and ``.json`` beside
+    a file are its ``caption`` and ``json``."""
 
     @staticmethod
     def chunks(task: Task) -> list[Chunk]:
@@ -117,14 +135,16 @@ class FilesReader:
     def read(task: Task, chunk: Chunk) -> Iterator[SourceInput]:
         for input_index in range(chunk.start, chunk.stop):
             path = task.paths[input_index]
-            yield SourceInput(task.index, input_index, Row(image_path=path, source_index=task.first_index + input_index),
-                              name=path, data=path)
+            row = Row(image_path=path, source_index=task.first_index + input_index)
+            if media_kind(path) is not None:
+                row = replace(row, caption=_sidecar(path, ".txt"), json=_sidecar(path, ".json"))
+            yield SourceInput(task.index, input_index, row, name=path, data=path)
 
 
 class TarReader:
     """A WebDataset tar, start to end, as one chunk: each sample is an input (its first image or
-    video member); a sample without one is a ``no_image`` input, a tar that breaks off ends with an
-    ``unreadable`` one."""
+    video member; its ``.txt`` and ``.json`` members are its ``caption`` and ``json``); a sample
+    without one is a ``no_image`` input, a tar that breaks off ends with an ``unreadable`` one."""
 
     @staticmethod
     def chunks(task: Task) -> list[Chunk]:
@@ -136,7 +156,9 @@ class TarReader:
         try:
             for key, members in iter_tar_samples(tar_path):
                 name = next((extension for extension in members if media_kind(extension)), None)
-                row = Row(image_path=f"{tar_path}/{key}{name or ''}", source_index=count, key=key)
+                row = Row(image_path=f"{tar_path}/{key}{name or ''}", source_index=count, key=key,
+                          caption=_text(members[".txt"]) if ".txt" in members else None,
+                          json=_text(members[".json"]) if ".json" in members else None)
                 if name is None:
                     failure = InputError("no_image", f"the sample has no image or video member (members: "
                                                      f"{', '.join(members) or 'none'})")
@@ -176,18 +198,34 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
-def list_folder(root: Path) -> list[str]:
-    """Every file under ``root`` (recursively, symlinks to files included, names starting with ``.``
-    left out), sorted by path relative to ``root``."""
-    found = []
+@dataclass(frozen=True)
+class FolderListing:
+    """A folder's inputs (its image and video files, sorted by path relative to the folder) and what
+    it holds besides, counted by extension (``"(none)"`` for names without one)."""
+
+    inputs: list[str]
+    skipped: dict[str, int]
+
+
+def list_folder(root: Path, exclude: Path | None = None) -> FolderListing:
+    """The image and video files under ``root`` (recursively, symlinks to files included, names
+    starting with ``.`` and the folder ``exclude`` left out)."""
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+    found, skipped = [], {}
     for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
+                             and os.path.realpath(os.path.join(directory, name)) != excluded]
         relative = os.path.relpath(directory, root)
         for name in files:
-            if not name.startswith("."):
-                found.append(name if relative == "." else os.path.join(relative, name))
+            if name.startswith("."):
+                continue
+            if media_kind(name) is None:
+                extension = os.path.splitext(name)[1].lower() or "(none)"
+                skipped[extension] = skipped.get(extension, 0) + 1
+                continue
+            found.append(name if relative == "." else os.path.join(relative, name))
     found.sort(key=lambda path: Path(path).as_posix())
-    return [os.path.join(str(root), path) for path in found]
+    return FolderListing([os.path.join(str(root), path) for path in found], dict(sorted(skipped.items())))
 
 
 def _path_column(columns: Sequence[str], path_column: str | None, source: Path) -> str:
@@ -245,9 +283,10 @@ def _fingerprint(kind: str, paths: Sequence[str]) -> str:
 
 
 def plan_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], shard_size: int = 10_000,
-                path_column: str | None = None) -> InputPlan:
-    """Resolves ``--input`` into tasks: one folder or list file split every ``shard_size`` inputs,
-    or tar shards one task each."""
+                path_column: str | None = None, exclude: str | os.PathLike | None = None) -> InputPlan:
+    """Resolves ``--input`` into tasks: one folder (its image and video files, never the folder
+    ``exclude``, the output) or list file (every entry) split every ``shard_size`` inputs, or tar
+    shards one task each."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [str(value) for value in inputs]
@@ -262,9 +301,10 @@ def plan_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], shard_s
     if len(inputs) > 1:
         raise ValueError(f"got {len(inputs)} inputs {inputs[:3]}...: pass one folder or one list file, or any number "
                          f"of .tar shards")
-    source = Path(inputs[0])
+    source, skipped = Path(inputs[0]), {}
     if source.is_dir():
-        kind, paths = "folder", list_folder(source)
+        listing = list_folder(source, Path(exclude) if exclude is not None else None)
+        kind, paths, skipped = "folder", listing.inputs, listing.skipped
     elif source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
         kind, paths = "list", read_path_list(source, path_column)
     elif source.exists():
@@ -272,11 +312,18 @@ def plan_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], shard_s
                          f"({', '.join(LIST_EXTENSIONS)}) or .tar shards")
     else:
         raise ValueError(f"--input {source} does not exist; check the path")
+    if not paths and kind == "folder":
+        besides = f" (it holds {_counts(skipped)})" if skipped else ""
+        raise ValueError(f"--input {source} holds no files that are images or videos{besides}; check the path")
     if not paths:
-        raise ValueError(f"--input {source} holds no {'files' if kind == 'folder' else 'paths'}; check the path")
+        raise ValueError(f"--input {source} holds no paths; check the path")
     tasks = tuple(Task(index, "files", tuple(paths[start: start + shard_size]), start)
                   for index, start in enumerate(range(0, len(paths), shard_size)))
-    return InputPlan(kind, tasks, len(paths), _fingerprint(kind, paths))
+    return InputPlan(kind, tasks, len(paths), _fingerprint(kind, paths), skipped)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{extension} {count}" for extension, count in counts.items())
 
 
 def task_chunks(tasks: Sequence[Task]) -> list[Chunk]:
