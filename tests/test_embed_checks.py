@@ -209,3 +209,11 @@ def test_the_progress_counts_each_input_as_the_workers_finish_it(checkpoint, ima
         assert (progress.bar.n, progress.bar.total, progress.inputs) == (3, 3, 0), "the bar moved before any pack was embedded"
     finally:
         progress.close()
+
+
+def test_the_default_workers_leave_the_cpu_to_the_forward_and_feed_a_gpu_with_every_spare_core(monkeypatch):
+    from packvit.embed.options import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers("cpu") == 0 and default_workers(torch.device("cpu"), 8) == 0
+    assert default_workers("cuda") == 15 and default_workers("cuda:1", 8) == 1 and default_workers("cuda", 32) == 1

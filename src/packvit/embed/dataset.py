@@ -20,7 +20,7 @@ from .packer import InputResult, Pack, Packer
 from .preprocess import ProcessorSpec, preprocess
 from .sources import Chunk, SourceInput, Task, reader_of, task_chunks
 
-__all__ = ["DecodeOptions", "InputCounter", "EmbedDataset", "init_worker", "make_loader"]
+__all__ = ["InputCounter", "EmbedDataset", "init_worker", "make_loader"]
 
 
 def init_worker(_worker_id: int) -> None:
