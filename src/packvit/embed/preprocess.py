@@ -21,7 +21,7 @@ __all__ = ["ProcessorSpec", "preprocess"]
 @dataclass(frozen=True)
 class ProcessorSpec:
     """How to build a checkpoint's processor: ``native`` processing (aspect kept) or the published
-    fixed-size one, at most ``max_num_patches`` patches (``None``: the family's own cap)."""
+    fixed-size one, at most ``max_num_patches`` patches (``None``: the checkpoint's or the family's own cap)."""
 
     checkpoint: str
     family: str
