@@ -16,11 +16,12 @@ import packvit
 from packvit.embed import embed
 from packvit.embed.cli import main as embed_main
 from packvit.embed.sources import expand_braces, list_folder, plan_inputs
-from test_embed_support import BAD, GOOD, MAX_NUM_PATCHES, embed_alone, random_checkpoint, read_output, write_image_folder
+from test_embed_support import BAD, FOLDER_BAD, GOOD, MAX_NUM_PATCHES, embed_alone, random_checkpoint, read_output, write_image_folder
 
 pytest.importorskip("pyarrow")
 TOLERANCE = 1e-5
-RUN = dict(max_num_patches=MAX_NUM_PATCHES, dtype="float32", workers=0, quiet=True)
+RUN = dict(max_num_patches=MAX_NUM_PATCHES, dtype="float32", normalize=False, workers=0, quiet=True)
+
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,10 @@ def test_folder_one_row_per_input_and_embeddings_equal_the_model_alone(folder_ru
     output, summary = folder_run
     rows, embeddings = read_output(output)
     table = _by_name(rows, embeddings, images)
-    assert sorted(table) == sorted(GOOD + tuple(BAD)), "every input, and nothing else, has exactly one row"
+    assert sorted(table) == sorted(GOOD + tuple(FOLDER_BAD)), "every input, and nothing else, has exactly one row"
     assert [row["source_index"] for row in rows] == list(range(len(rows)))
-    assert [row["image_path"] for row in rows] == list_folder(images)
-    for name, status in BAD.items():
+    assert [row["image_path"] for row in rows] == list_folder(images).inputs
+    for name, status in FOLDER_BAD.items():
         row, embedding = table[name]
         assert row["status"] == status, (name, row)
         assert row["error"], name
@@ -91,8 +92,9 @@ def test_folder_one_row_per_input_and_embeddings_equal_the_model_alone(folder_ru
         np.testing.assert_allclose(embedding, output_alone.pooler_output[0].numpy(), atol=TOLERANCE, rtol=0)
     exif = table["exif_rotated.jpg"][0]
     assert exif["h"] > exif["w"], "EXIF orientation applied: 150 x 60 stored, shown 60 wide"
-    assert summary.ok == len(GOOD) and summary.failed == len(BAD)
+    assert summary.ok == len(GOOD) and summary.failed == len(FOLDER_BAD)
     assert summary.by_status["decode_error"] == 2 and summary.missing_shards == []
+    assert summary.skipped == {".heic": 1}, "a file that is not an image or video is not an input of a folder"
 
 
 def test_summary_manifest_and_failures_file(folder_run, images):
@@ -103,11 +105,12 @@ def test_summary_manifest_and_failures_file(folder_run, images):
     assert manifest["settings"]["model"]["family"] == "siglip2"
     assert manifest["settings"]["processor"]["max_num_patches"] == MAX_NUM_PATCHES
     assert set(manifest["runs"][0]["versions"]) == {"packvit", "torch", "transformers", "python"}
-    assert manifest["shards"]["done"] == [f"{i}" for i in range(4)], "22 inputs in shards of 6: 0..3"
-    assert manifest["summary"]["failed"] == len(BAD)
+    assert manifest["shards"]["done"] == [f"{i}" for i in range(4)], "21 inputs in shards of 6: 0..3"
+    assert manifest["summary"]["failed"] == len(FOLDER_BAD) and manifest["summary"]["skipped"] == {".heic": 1}
     failures = parquet.read_table(output / "failures.parquet").to_pylist()
-    assert sorted(Path(row["image_path"]).name for row in failures) == sorted(Path(name).name for name in BAD)
+    assert sorted(Path(row["image_path"]).name for row in failures) == sorted(Path(name).name for name in FOLDER_BAD)
     assert "failed items are listed in" in "\n".join(summary.lines())
+    assert "not read: 1 files of the input folder that are not images or videos (.heic 1)" in "\n".join(summary.lines())
 
 
 def test_file_lists_and_tar_shards_give_the_folders_results(folder_run, images, checkpoint, tmp_path):
@@ -134,10 +137,14 @@ def test_file_lists_and_tar_shards_give_the_folders_results(folder_run, images, 
         table = _by_name(*read_output(output), images)
         assert sorted(table) == sorted(name.removesuffix(".heic") if kind == "tar" else name for name in names), kind
         for name in names:
-            expected_row, expected = reference[name]
-            if kind == "tar" and name == "photo.heic":
-                assert table["photo"][0]["status"] == "no_image", "a tar sample whose only member is not an image"
+            if name == "photo.heic":
+                if kind == "tar":
+                    assert table["photo"][0]["status"] == "no_image", "a tar sample whose only member is not an image"
+                else:
+                    row, embedding = table[name]
+                    assert row["status"] == "unsupported" and not embedding.any(), "a list keeps a row per entry"
                 continue
+            expected_row, expected = reference[name]
             row, embedding = table[name]
             assert row["status"] == expected_row["status"], (kind, name)
             assert (row["t"], row["h"], row["w"]) == (expected_row["t"], expected_row["h"], expected_row["w"])
@@ -258,7 +265,8 @@ def test_brace_patterns_and_folder_order(tmp_path):
     for name in ("b/z.jpg", "a.jpg", "b/a.jpg", "B.jpg", ".git/x.jpg", ".DS_Store"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    assert [Path(p).relative_to(tmp_path).as_posix() for p in list_folder(tmp_path)] == ["B.jpg", "a.jpg", "b/a.jpg", "b/z.jpg"]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in list_folder(tmp_path).inputs] == ["B.jpg", "a.jpg", "b/a.jpg",
+                                                                                                 "b/z.jpg"]
     plan = plan_inputs(tmp_path, shard_size=3)
     assert [len(task.paths) for task in plan.tasks] == [3, 1] and plan.num_inputs == 4
 
@@ -302,3 +310,58 @@ def test_processor_settings_a_family_refuses_are_refused_before_the_output_is_to
     with pytest.raises(ValueError, match=r"the dinov3 processor of .* refuses these settings \(max_num_patches=64"):
         embed(checkpoint, images, tmp_path / "out", **{**RUN, "max_num_patches": 64}, fixed=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_folders_read_only_media_and_carry_captions_and_json_as_clip_retrieval_does(checkpoint, model, images, tmp_path):
+    import pyarrow.parquet as parquet
+
+    source = tmp_path / "dataset"
+    (source / "part").mkdir(parents=True)
+    for name in ("astronaut.jpg", "wide.png", "tall.webp"):
+        (source / "part" / name).write_bytes((images / name).read_bytes())
+    (source / "part" / "astronaut.txt").write_text("an astronaut, é\n")
+    (source / "part" / "astronaut.json").write_text('{"url": "https://example.com/a.jpg", "width": 512}')
+    (source / "part" / "wide.txt").write_text("a wide cat")
+    (source / "README.md").write_text("about this folder")
+    (source / "part" / "stats.parquet").write_bytes(b"PAR1")
+    summary = embed(checkpoint, source, tmp_path / "out", **RUN)
+    rows, embeddings = read_output(tmp_path / "out")
+    by_name = {Path(row["image_path"]).name: (row, embedding) for row, embedding in zip(rows, embeddings)}
+    assert sorted(by_name) == ["astronaut.jpg", "tall.webp", "wide.png"], "sidecars and other files are not inputs"
+    assert all(row["status"] == "ok" for row, _ in by_name.values())
+    assert by_name["astronaut.jpg"][0]["caption"] == "an astronaut, é\n"
+    assert json.loads(by_name["astronaut.jpg"][0]["json"]) == {"url": "https://example.com/a.jpg", "width": 512}
+    assert (by_name["wide.png"][0]["caption"], by_name["wide.png"][0]["json"]) == ("a wide cat", None)
+    assert (by_name["tall.webp"][0]["caption"], by_name["tall.webp"][0]["json"]) == (None, None)
+    alone, _ = embed_alone(model, checkpoint, images / "astronaut.jpg")
+    np.testing.assert_allclose(by_name["astronaut.jpg"][1], alone.pooler_output[0].numpy(), atol=TOLERANCE, rtol=0)
+    assert summary.skipped == {".json": 1, ".md": 1, ".parquet": 1, ".txt": 2}
+    assert parquet.read_schema(tmp_path / "out" / "metadata" / "metadata_0.parquet").names[:3] == ["image_path", "caption",
+                                                                                                   "json"]
+    with tarfile.open(tmp_path / "shard.tar", "w") as archive:
+        for member in ("astronaut.jpg", "astronaut.txt", "astronaut.json", "wide.png"):
+            archive.add(source / "part" / member, arcname=f"{Path(member).stem}{Path(member).suffix}")
+    embed(checkpoint, tmp_path / "shard.tar", tmp_path / "out-tar", **RUN)
+    tar_rows, tar_embeddings = read_output(tmp_path / "out-tar")
+    assert [(row["key"], row["caption"], row["json"] is not None) for row in tar_rows] == [
+        ("astronaut", "an astronaut, é\n", True), ("wide", None, False)]
+    np.testing.assert_allclose(tar_embeddings[0], by_name["astronaut.jpg"][1], atol=TOLERANCE, rtol=0)
+    listed = tmp_path / "list.txt"
+    listed.write_text("dataset/part/astronaut.jpg\ndataset/part/astronaut.txt\n")
+    embed(checkpoint, listed, tmp_path / "out-list", **RUN)
+    list_rows, _ = read_output(tmp_path / "out-list")
+    assert [(Path(row["image_path"]).name, row["status"], row["caption"]) for row in list_rows] == [
+        ("astronaut.jpg", "ok", "an astronaut, é\n"), ("astronaut.txt", "unsupported", None)], "a list keeps every entry"
+
+
+def test_an_output_folder_inside_the_input_folder_is_never_read(checkpoint, images, tmp_path):
+    source = tmp_path / "photos"
+    source.mkdir()
+    for name in GOOD[:3]:
+        (source / name).write_bytes((images / name).read_bytes())
+    output = source / "embeddings"
+    first = embed(checkpoint, source, output, **RUN, save_tokens=True)
+    again = embed(checkpoint, source, output, **RUN, save_tokens=True)
+    rows, _ = read_output(output)
+    assert [Path(row["image_path"]).name for row in rows] == sorted(GOOD[:3])
+    assert first.ok == again.ok == 3 and again.skipped == {} and not again.missing_shards

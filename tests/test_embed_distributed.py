@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from packvit.embed import embed
-from test_embed_support import BAD, GOOD, MAX_NUM_PATCHES, random_checkpoint, read_output, write_image_folder
+from test_embed_support import FOLDER_BAD, GOOD, MAX_NUM_PATCHES, random_checkpoint, read_output, write_image_folder
 
 pytest.importorskip("pyarrow")
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[rank 1/2] shard" in result.stderr and "[rank 0/2] shard" in result.stderr, "both ranks wrote shards"
-    assert result.stderr.count(f"{len(GOOD)} ok, {len(BAD)} failed") == 1, "rank 0 alone prints the summary"
+    assert result.stderr.count(f"{len(GOOD)} ok, {len(FOLDER_BAD)} failed") == 1, "rank 0 alone prints the summary"
     one_rows, one = read_output(tmp_path / "one")
     two_rows, two = read_output(tmp_path / "two")
     assert two_rows == one_rows

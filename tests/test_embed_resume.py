@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from packvit.embed import embed
-from test_embed_support import BAD, GOOD, MAX_NUM_PATCHES, random_checkpoint, read_output, write_image_folder
+from test_embed_support import FOLDER_BAD, GOOD, MAX_NUM_PATCHES, random_checkpoint, read_output, write_image_folder
 
 pytest.importorskip("pyarrow")
 ROOT = Path(__file__).resolve().parents[1]
 # small packs (one image each) and shards of two inputs: many tasks, each finished on its own, so an
 # interruption after the first ones leaves most to do (the writer is at most a few packs behind)
 RUN = dict(max_num_patches=MAX_NUM_PATCHES, token_budget=MAX_NUM_PATCHES, shard_size=2, dtype="float32", quiet=True)
-NUM_SHARDS = -(-(len(GOOD) + len(BAD)) // 2)
+NUM_SHARDS = -(-(len(GOOD) + len(FOLDER_BAD)) // 2)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(checkpoint, ima
         "the rerun does exactly the shards that were not finished"
     after = _shard_files(output)
     assert {name: after[name] for name in before} == before, "finished shards are not rewritten (same inode, mtime)"
-    assert summary.ok == len(GOOD) and summary.failed == len(BAD) and not summary.missing_shards
+    assert summary.ok == len(GOOD) and summary.failed == len(FOLDER_BAD) and not summary.missing_shards
     _assert_same_results(output, uninterrupted)
     again = []
     embed(checkpoint, images, output, workers=0, on_task_done=again.append, **RUN)
@@ -108,7 +108,7 @@ def test_killed_process_resumes_to_the_same_result(checkpoint, images, tmp_path,
                str(output), "--workers", "1", "--quiet"] + [f"--{key}={value}" for key, value in RUN.items() if key != "quiet"]
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(GOOD)} ok, {len(BAD)} failed" in resumed.stderr
+    assert f"{len(GOOD)} ok, {len(FOLDER_BAD)} failed" in resumed.stderr
     after = _shard_files(output)
     assert {name: after[name] for name in before} == before
     _assert_same_results(output, uninterrupted)

@@ -24,6 +24,8 @@ GOOD = ("astronaut.jpg", "wide.png", "tall.webp", "gray.png", "gray_alpha.png", 
 BAD = {"corrupt.png": "decode_error", "truncated.jpg": "decode_error", "not_an_image.jpg": "not_an_image",
        "zero_bytes.jpg": "empty", "photo.heic": "unsupported", "dangling.jpg": "unreadable", "huge.png": "too_large",
        "float.tif": "preprocess_error"}
+#: the bad files a folder run reads: in a folder only image and video files are inputs
+FOLDER_BAD = {name: status for name, status in BAD.items() if name != "photo.heic"}
 
 
 def random_checkpoint(root: Path, family: str = "siglip2", size: str = "tiny") -> Path:

@@ -24,7 +24,6 @@ __all__ = [
     "__version__",
     "from_pretrained",
     "load_processor",
-    "embed",
     "varlen_attention",
     "compute_similarity_metrics",
     "PackedBatch",
@@ -103,5 +102,3 @@ def batch_images_to_packing_input(images, patch_size: int, layout: str = "ppc"):
     """Images of any sizes (a list of ``[C, H, W]``, or a ``[B, C, H, W]`` batch) → one pack."""
     return patchify(images if isinstance(images, torch.Tensor) else list(images), patch_size, layout=layout)
 
-
-from .embed import embed  # noqa: E402  (after the names above: packvit.embed is the function, not the package)

@@ -1,12 +1,16 @@
 """``packvit embed``: images, videos and tar shards → pooled embeddings (and tokens) in shards.
 
-The data path, one module each: ``sources`` (inputs → tasks) → ``dataset`` (decode and preprocess
-in DataLoader workers, via ``decode``) → ``packer`` (packs of a token budget) → ``model`` (the
-forward) → ``writer`` (shards, written exactly once) and ``manifest``; ``run`` is the loop and the
-multi-GPU split, ``cli`` the command, ``bench`` the ``files`` benchmark.
+The data path, one room per stage: ``sources`` (inputs → tasks, one reader per input kind) →
+``decode`` (bytes → images or frames) → ``preprocess`` (the checkpoint's processor) → ``packer``
+(packs of a token budget, and their outputs cut back per input) → ``model`` (the encode stage:
+pack → host outputs) → ``writer`` (shards, written exactly once). ``dataset`` runs the first four
+in DataLoader workers (``make_loader``); ``layout`` (the folder's files and rows) and ``manifest``
+(settings, resume, summary) lie below them; ``options`` holds the settings, ``run`` the loop and the
+multi-GPU split, ``cli`` the command.
 """
 
-from .manifest import Summary
-from .run import EmbedOptions, embed
+from .manifest import RunStats, Summary
+from .options import EmbedOptions
+from .run import embed
 
-__all__ = ["embed", "EmbedOptions", "Summary"]
+__all__ = ["embed", "EmbedOptions", "Summary", "RunStats"]

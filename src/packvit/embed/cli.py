@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
-from .decode import DEFAULT_MAX_PIXELS
-from .run import EmbedOptions, embed
+from .options import OUTPUT_DTYPES, WORKERS_RULE, EmbedOptions
+from .run import embed
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -19,49 +20,70 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated hidden-state indices such as -1,-2, got {text!r}")
 
 
+#: what argparse takes for a negative number rather than a flag: also comma-separated lists such as
+#: "-1,-2", so that ``--layers -1,-2`` parses as the help writes it
+_NEGATIVE_NUMBERS = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(,\s*-?\d+)+$")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``packvit embed``."""
+    parser._negative_number_matcher = _NEGATIVE_NUMBERS
     defaults = EmbedOptions()
-    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id (required)")
     parser.add_argument("--input", required=True, nargs="+",
-                        help="a folder (recursive), a list file (.txt, .csv, .parquet), or .tar shards "
-                             "(paths, brace patterns such as 'shards/{000..009}.tar', globs)")
-    parser.add_argument("--output", required=True, help="output folder: img_emb/, metadata/, manifest.json")
+                        help="a folder (recursive; its images and videos), a list file (.txt, .csv, .parquet), or .tar "
+                             "shards (paths, brace patterns such as 'shards/{000..009}.tar', globs) (required)")
+    parser.add_argument("--output", required=True,
+                        help="output folder: img_emb/, metadata/, manifest.json; made if missing, in an existing parent "
+                             "folder (required)")
     resolution = parser.add_argument_group("resolution and packing")
     resolution.add_argument("--fixed", action="store_true",
-                            help="the family's published fixed-size processor instead of native resolution")
+                            help="the family's published fixed-size processor (default: native resolution, aspect kept)")
     resolution.add_argument("--max_num_patches", type=int, default=None,
-                            help="patch budget per image at native resolution (default: the family's own)")
-    resolution.add_argument("--token_budget", type=int, default=defaults.token_budget, help="patch tokens per pack")
-    resolution.add_argument("--num_frames", type=int, default=defaults.num_frames, help="frames sampled per video")
-    resolution.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                            help="images with more pixels are recorded as too_large")
+                            help="patch cap per image at native resolution (default: the family's own: SigLIP2 256, "
+                                 "DINOv3 1024, OneVision 1024, AIMv2 native none)")
+    resolution.add_argument("--token_budget", type=int, default=defaults.token_budget,
+                            help="patch tokens per pack (default: %(default)s)")
+    resolution.add_argument("--num_frames", type=int, default=defaults.num_frames,
+                            help="frames sampled per video (default: %(default)s)")
+    resolution.add_argument("--max_pixels", type=int, default=defaults.max_pixels,
+                            help="images with more pixels are recorded as too_large (default: %(default)s, Pillow's limit)")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--dtype", choices=("float16", "float32"), default=defaults.dtype,
-                     help="dtype of the stored embeddings and tokens")
-    out.add_argument("--normalize", action="store_true", help="L2-normalise the pooled embeddings")
+    out.add_argument("--dtype", choices=OUTPUT_DTYPES, default=defaults.dtype,
+                     help="dtype of the stored embeddings and tokens (default: %(default)s)")
+    out.add_argument("--normalize", dest="normalize", action="store_true",
+                     help="L2-normalise the pooled embeddings, as retrieval indexes expect (default)")
+    out.add_argument("--no-normalize", dest="normalize", action="store_false",
+                     help="store the pooled embeddings as the model gives them (default: normalised)")
     out.add_argument("--save_tokens", action="store_true",
-                     help="also write patch tokens per item (tokens/tokens_{shard}.safetensors)")
+                     help="also write patch tokens per item, tokens/tokens_{shard}.safetensors (default: off)")
     out.add_argument("--layers", type=_layers, default=(),
                      help="with --save_tokens: hidden states to write instead of last_hidden_state, e.g. -1,-2 "
-                          "(0 = embeddings, -1 = last layer before the final norm)")
+                          "(0 = embeddings, -1 = last layer before the final norm) (default: last_hidden_state)")
     out.add_argument("--shard_size", type=int, default=defaults.shard_size,
-                     help="inputs per output shard for folders and lists (a tar is one shard)")
-    out.add_argument("--path_column", default=None, help="path column of a .csv/.parquet list (default: image_path, path, ...)")
-    out.add_argument("--overwrite", action="store_true", help="replace outputs made with other settings")
+                     help="inputs per output shard for folders and lists; a tar is one shard (default: %(default)s)")
+    out.add_argument("--path_column", default=None,
+                     help="path column of a .csv/.parquet list (default: the first of image_path, path, filepath, file, "
+                          "filename)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace outputs made with other settings (default: off; a rerun with the same settings "
+                          "continues the folder)")
     run_group = parser.add_argument_group("running")
     run_group.add_argument("--workers", type=int, default=None,
-                           help="DataLoader worker processes per GPU (default: the CPU cores per process, less one)")
+                           help=f"DataLoader worker processes per process; 0 decodes in the main process (default: "
+                                f"{WORKERS_RULE})")
     run_group.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     run_group.add_argument("--model_dtype", choices=("bfloat16", "float16", "float32"), default=None,
                            help="default: bfloat16 on CUDA, float32 on the CPU")
-    run_group.add_argument("--quiet", action="store_true", help="no progress bar: one log line per shard")
+    run_group.add_argument("--quiet", action="store_true",
+                           help="one log line per shard instead of the progress bar (default: a progress bar)")
+    parser.set_defaults(normalize=defaults.normalize)
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``packvit embed``; 0 when every shard is done (failed inputs included), 1 when some are not,
     2 on a usage error."""
-    options = {name: getattr(args, name) for name in EmbedOptions.__dataclass_fields__}
+    options = {name: getattr(args, name) for name in EmbedOptions.names()}
     try:
         summary = embed(args.model, args.input, args.output, **options)
     except (ValueError, ImportError) as error:

@@ -1,36 +1,26 @@
-"""The DataLoader side: each worker reads, decodes and preprocesses its chunks and yields ``Pack``s.
+"""The worker side of ``packvit embed``: read → decode → preprocess → pack, in DataLoader workers.
 
-Chunks are dealt to workers round-robin (chunk ``i`` to worker ``i % num_workers``), so every
-worker starts on the first task and tasks finish roughly in order. Every input becomes an
-``InputResult`` (its rows and, when it decodes, its preprocessed items); nothing a file does stops
-the worker.
+Chunks are dealt to workers round-robin (chunk ``i`` to worker ``i % num_workers``), so every worker
+starts on the first task and tasks finish roughly in order. Every input becomes an ``InputResult``
+(its rows and, when it decodes, its items); nothing a file does stops the worker. ``make_loader`` is
+the one DataLoader of a run (and of its benchmark).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import multiprocessing
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import DEFAULT_MAX_PIXELS, InputError, decode_video, open_image, read_file
-from .model import ProcessorSpec
-from .packer import InputResult, Pack, Packer, Row
-from .sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Chunk, Task, iter_tar_samples, media_kind
+from ..packing import PackedBatch
+from .decode import DecodeOptions, InputError, decode
+from .packer import InputResult, Pack, Packer
+from .preprocess import ProcessorSpec, preprocess
+from .sources import Chunk, SourceInput, Task, reader_of, task_chunks
 
-__all__ = ["DecodeOptions", "EmbedDataset", "init_worker"]
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """``max_pixels``: larger images are ``too_large``; ``num_frames`` sampled per video;
-    ``clips``: a video is one item (OneVision) rather than its frames as items."""
-
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    num_frames: int = 16
-    clips: bool = False
+__all__ = ["InputCounter", "EmbedDataset", "init_worker", "make_loader"]
 
 
 def init_worker(_worker_id: int) -> None:
@@ -38,24 +28,37 @@ def init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _unsupported(name: str) -> InputError:
-    extension = os.path.splitext(name)[1] or "(none)"
-    return InputError("unsupported", f"extension {extension} is not an image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
-                                     f"or a video ({' '.join(sorted(VIDEO_EXTENSIONS))})")
+class InputCounter:
+    """How many inputs the workers have finished (read, decoded, preprocessed), shared by every
+    worker process and the main process."""
+
+    def __init__(self):
+        self._count = multiprocessing.Value("q", 0)
+
+    def add(self, count: int = 1) -> None:
+        with self._count.get_lock():
+            self._count.value += count
+
+    @property
+    def value(self) -> int:
+        return self._count.value
 
 
 class EmbedDataset(IterableDataset):
     """Yields ``Pack``s of at most ``token_budget`` tokens for the given chunks of ``tasks``, their
-    patches in ``patch_dtype`` (the model's dtype; ``None`` leaves the processor's float32)."""
+    patches in ``patch_dtype`` (the model's dtype; ``None`` leaves the processor's float32), counting
+    each input in ``counter`` as it is finished."""
 
     def __init__(self, tasks: Sequence[Task], chunks: Sequence[Chunk], processor: ProcessorSpec, token_budget: int,
-                 options: DecodeOptions = DecodeOptions(), patch_dtype: torch.dtype | None = None):
+                 options: DecodeOptions = DecodeOptions(), patch_dtype: torch.dtype | None = None,
+                 counter: InputCounter | None = None):
         self.tasks = {task.index: task for task in tasks}
         self.chunks = list(chunks)
         self.processor = processor
         self.token_budget = token_budget
         self.options = options
         self.patch_dtype = patch_dtype
+        self.counter = counter
 
     def __iter__(self) -> Iterator[Pack]:
         info = get_worker_info()
@@ -64,64 +67,35 @@ class EmbedDataset(IterableDataset):
         packer = Packer(self.token_budget, self.patch_dtype)
         for chunk in chunks:
             task = self.tasks[chunk.task]
-            if task.kind == "tar":
-                count = 0
-                for result in self._tar_inputs(task, processor):
-                    count += 1
-                    yield from packer.add(result)
-                packer.end_task(task.index, count)
-                continue
-            for position in range(chunk.start, chunk.stop):
-                path = task.paths[position]
-                row = Row(image_path=path, source_index=task.first_index + position)
-                yield from packer.add(self._input(task.index, position, row, path, path, processor))
+            count = 0
+            for source in reader_of(task).read(task, chunk):
+                result, items = self._process(source, processor)
+                if self.counter is not None:
+                    self.counter.add()
+                yield from packer.add(result, items)
+                count += 1
+            if chunk.stop is None:  # the whole task: now its size is known
+                packer.end_tar(task.index, count)
         yield from packer.flush()
 
-    def _tar_inputs(self, task: Task, processor) -> Iterator[InputResult]:
-        tar_path, count = task.paths[0], 0
+    def _process(self, source: SourceInput, processor) -> tuple[InputResult, PackedBatch | None]:
+        """One input → its result and the items of its ok rows (``None`` when it failed)."""
         try:
-            for key, members in iter_tar_samples(tar_path):
-                name = next((extension for extension in members if media_kind(extension)), None)
-                row = Row(image_path=f"{tar_path}/{key}{name or ''}", source_index=count, key=key)
-                if name is None:
-                    row.status = "no_image"
-                    row.error = f"the sample has no image or video member (members: {', '.join(members) or 'none'})"
-                    yield InputResult(task.index, count, [row])
-                else:
-                    yield self._input(task.index, count, row, name, members[name], processor)
-                count += 1
-        except Exception as error:  # tarfile raises OSError, EOFError or TarError for damaged shards
-            row = Row(image_path=tar_path, source_index=count, status="unreadable",
-                      error=f"the tar shard cannot be read past its first {count} samples ({type(error).__name__}: {error})")
-            yield InputResult(task.index, count, [row])
-
-    def _input(self, task: int, position: int, row: Row, name: str, source: str | bytes, processor) -> InputResult:
-        """One input → its rows and items; ``source`` is a path or the input's bytes."""
-        try:
-            kind = media_kind(name)
-            if kind is None:
-                raise _unsupported(name)
-            if kind == "image":
-                image = open_image(read_file(source) if isinstance(source, str) else source, self.options.max_pixels)
-                return self._items(task, position, [row], processor, images=[image])
-            try:
-                frames, indices, _ = decode_video(source, self.options.num_frames)
-            except ImportError as error:
-                raise InputError("unsupported", str(error)) from None
-            if self.options.clips:
-                return self._items(task, position, [row], processor, videos=[frames])
-            rows = [Row(row.image_path, row.source_index, row.key, frame=index) for index in indices]
-            return self._items(task, position, rows, processor, images=frames)
+            if source.failure is not None:
+                raise source.failure
+            return preprocess(source, decode(source.name, source.data, self.options), processor)
         except InputError as error:
-            row.status, row.error = error.status, str(error)
-            return InputResult(task, position, [row])
+            source.row.status, source.row.error = error.status, str(error)
+            return InputResult(source.task, source.input_index, [source.row]), None
 
-    @staticmethod
-    def _items(task: int, position: int, rows: list[Row], processor, **inputs) -> InputResult:
-        try:
-            batch = processor(**inputs)
-        except Exception as error:  # a processor refuses an item it cannot resize (too small, ...)
-            raise InputError("preprocess_error", f"{type(error).__name__}: {error}") from None
-        for row, grid in zip(rows, batch.grid_thw.tolist()):
-            row.grid = tuple(grid)
-        return InputResult(task, position, rows, batch)
+
+def make_loader(tasks: Sequence[Task], processor: ProcessorSpec, token_budget: int, options: DecodeOptions,
+                patch_dtype: torch.dtype | None, workers: int, device: torch.device,
+                counter: InputCounter | None = None) -> DataLoader:
+    """The DataLoader of ``tasks``' packs: ``workers`` processes (at most one per chunk; 0: in this
+    process), packs pinned for a CUDA ``device``, yielded as they are ready; ``counter`` counts the
+    inputs as the workers finish them."""
+    chunks = task_chunks(tasks)
+    dataset = EmbedDataset(tasks, chunks, processor, token_budget, options, patch_dtype, counter)
+    return DataLoader(dataset, batch_size=None, num_workers=min(workers, len(chunks)),
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=init_worker, in_order=False)

@@ -1,8 +1,9 @@
-"""Reading and decoding one input: bytes → a PIL image, or a video file → sampled frames.
+"""The decode stage: one input's name and data → ``Decoded`` (a PIL image, or a video's frames).
 
-Every way an input can fail raises ``InputError(status, message)``, whose ``status`` is what the
-metadata row records: ``unreadable``, ``empty``, ``unsupported``, ``not_an_image``, ``too_large``,
-``decode_error`` (and, from preprocessing, ``preprocess_error``).
+The media kind comes from the name's extension (``media_kind``). Every way an input can fail raises
+``InputError(status, message)``, whose ``status`` is what the metadata row records: ``unreadable``,
+``empty``, ``unsupported``, ``not_an_image``, ``too_large``, ``decode_error`` (and, from the reader,
+``no_image``; from preprocessing, ``preprocess_error``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,23 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._optional import require
+
 __all__ = [
     "STATUSES",
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "media_kind",
     "InputError",
+    "DecodeOptions",
+    "Decoded",
+    "decode",
     "read_file",
     "open_image",
     "require_av",
@@ -29,6 +39,20 @@ STATUSES = ("ok", "unreadable", "empty", "unsupported", "no_image", "not_an_imag
             "preprocess_error")
 #: Pillow's own decompression-bomb limit (pixels)
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"})
+
+
+def media_kind(name: str) -> str | None:
+    """``"image"``, ``"video"`` or ``None`` (unsupported) from a file name's extension (or from an
+    extension alone, such as a WebDataset member's ``".jpg"``)."""
+    base = os.path.basename(name)
+    suffix = "." + base.rsplit(".", 1)[1].lower() if "." in base else ""
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return None
 
 
 class InputError(Exception):
@@ -37,6 +61,26 @@ class InputError(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """``max_pixels``: larger images are ``too_large``; ``num_frames`` sampled per video;
+    ``video_as_item``: a video is one item (a model that takes videos) rather than its frames as items."""
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    num_frames: int = 16
+    video_as_item: bool = False
+
+
+@dataclass
+class Decoded:
+    """A decoded input: ``images`` (one image, or a video's sampled frames, ``frame_indices`` saying
+    which), or ``clip``, a video's sampled frames as one item."""
+
+    images: list[Image.Image] | None = None
+    frame_indices: list[int] | None = None
+    clip: list[Image.Image] | None = None
 
 
 def _describe(error: BaseException) -> str:
@@ -84,11 +128,28 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
 
 def require_av():
     """PyAV, or an ``ImportError`` that names the extra to install."""
+    return require("av", "video", "reading video files")
+
+
+def _unsupported(name: str) -> InputError:
+    extension = os.path.splitext(name)[1] or "(none)"
+    return InputError("unsupported", f"extension {extension} is not an image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
+                                     f"or a video ({' '.join(sorted(VIDEO_EXTENSIONS))})")
+
+
+def decode(name: str, data: str | bytes, options: DecodeOptions = DecodeOptions()) -> Decoded:
+    """An input → ``Decoded``; ``name`` gives its media kind by extension, ``data`` is a path to read
+    or the input's bytes. Raises ``InputError``."""
+    kind = media_kind(name)
+    if kind is None:
+        raise _unsupported(name)
+    if kind == "image":
+        return Decoded(images=[open_image(read_file(data) if isinstance(data, str) else data, options.max_pixels)])
     try:
-        import av
-    except ImportError:
-        raise ImportError("video inputs need PyAV: pip install 'packvit[video]' (or pip install av)") from None
-    return av
+        frames, indices, _ = decode_video(data, options.num_frames)
+    except ImportError as error:
+        raise InputError("unsupported", str(error)) from None
+    return Decoded(clip=frames) if options.video_as_item else Decoded(images=frames, frame_indices=indices)
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:

@@ -1,8 +1,8 @@
 """``manifest.json``: what an output folder was made with, which shards are done, and the summary.
 
-The ``settings`` block is what a rerun must match to continue a folder (the model's config hash
-and weight files, the processor settings, the output format, the resolved input); versions and
-run times are recorded but do not have to match.
+The ``settings`` block (``build_settings``) is what a rerun must match to continue a folder (the
+model's config hash and weight files, the processor settings, the output format, the resolved
+input), except ``NOT_COMPARED``; versions and run times are recorded but do not have to match.
 """
 
 from __future__ import annotations
@@ -17,12 +17,18 @@ from typing import Sequence
 
 import torch
 
-from .. import __version__
-from .writer import METADATA_COLUMNS, OutputLayout, require_pyarrow, write_atomic
+from .._optional import require
+from .._version import __version__
+from .layout import METADATA_COLUMNS, OutputLayout, write_atomic
+from .model import CheckpointInfo
+from .options import EmbedOptions
+from .sources import InputPlan
 
-__all__ = ["MANIFEST_FORMAT", "Summary", "versions", "settings_differences", "open_output", "summarize", "finish_manifest"]
+__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "RunStats", "Summary", "versions", "build_settings",
+           "settings_differences", "open_output", "summarize", "finish_manifest"]
 
-MANIFEST_FORMAT = "packvit-embed/1"
+#: the manifest's layout; a folder of another format is not compared, only continued when it has no finished shard
+MANIFEST_FORMAT = "packvit-embed/2"
 
 
 def versions() -> dict[str, str]:
@@ -35,10 +41,28 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def build_settings(info: CheckpointInfo, processor: dict, plan: InputPlan, given: Sequence[str], options: EmbedOptions,
+                   model_dtype: torch.dtype) -> dict:
+    """The ``settings`` block of a run: the model (family, compute dtype, a SHA-256 of every file that
+    decides the outputs), the processor as it runs (``processor``: its resolved settings) with the
+    decode settings, the output format and the resolved input. JSON values, as a manifest reads back."""
+    settings = {
+        "model": {"checkpoint": info.checkpoint, "family": info.family, "dtype": str(model_dtype).replace("torch.", ""),
+                  "files_sha256": info.file_hashes()},
+        "processor": {**processor, "max_pixels": options.max_pixels, "num_frames": options.num_frames,
+                      "videos": "clips" if info.takes_video else "frames as items"},
+        "output": {"dtype": options.dtype, "normalize": options.normalize, "tokens": list(options.token_names),
+                   "shard_size": options.shard_size},
+        "input": {"given": list(given), "kind": plan.kind, "num_inputs": plan.num_inputs, "num_tasks": len(plan.tasks),
+                  "fingerprint": plan.fingerprint},
+    }
+    return json.loads(json.dumps(settings, default=str))
+
+
 def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
     flat = {}
     for key, value in settings.items():
-        if isinstance(value, dict) and key != "weights":
+        if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -46,13 +70,13 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
 
 
 #: settings recorded for information, not compared (the same model or input may be named differently)
-_NOT_COMPARED = ("model.checkpoint", "input.given")
+NOT_COMPARED = ("model.checkpoint", "input.given")
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
     """``"key: old → new"`` for each compared setting that differs."""
     old_flat, new_flat = _flatten(old), _flatten(new)
-    keys = sorted((old_flat.keys() | new_flat.keys()) - set(_NOT_COMPARED))
+    keys = sorted((old_flat.keys() | new_flat.keys()) - set(NOT_COMPARED))
     return [f"{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}" for key in keys if old_flat.get(key) != new_flat.get(key)]
 
 
@@ -68,25 +92,44 @@ def _remove_outputs(layout: OutputLayout) -> None:
     layout.failures.unlink(missing_ok=True)
 
 
+def _has_finished_shard(layout: OutputLayout) -> bool:
+    """Whether any shard was committed (its metadata file renamed into place), whatever the run."""
+    folder = layout.root / "metadata"
+    return folder.is_dir() and any(folder.glob("metadata_*.parquet"))
+
+
+def _refusal(layout: OutputLayout, manifest: dict | None, settings: dict) -> str | None:
+    """Why the folder's finished outputs cannot be continued with ``settings``; ``None`` if they can."""
+    if manifest is None:
+        if any(folder.is_dir() and any(folder.iterdir()) for folder in layout.folders):
+            return (f"{layout.root} holds img_emb/metadata files but no manifest.json, so it is not known how they were "
+                    f"made; pass another --output, or --overwrite to replace them")
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return (f"{layout.root} was made by another packvit release (manifest format {manifest.get('format')!r}, this "
+                f"one writes {MANIFEST_FORMAT!r}), whose settings cannot be compared; pass another --output to keep it, "
+                f"or --overwrite to replace it")
+    differences = settings_differences(manifest.get("settings", {}), settings)
+    if differences:
+        return (f"{layout.root} holds embeddings made with other settings ({'; '.join(differences)}); pass another "
+                f"--output to keep them, or --overwrite to replace them")
+    return None
+
+
 def open_output(layout: OutputLayout, settings: dict, world_size: int, overwrite: bool = False) -> dict:
     """Checks a folder against ``settings`` (or starts it) and records this run; returns the manifest.
 
-    Raises ``ValueError`` when the folder holds another run's outputs, unless ``overwrite``.
+    Raises ``ValueError`` when the folder holds finished shards of another run, unless
+    ``overwrite``; a folder whose runs finished no shard is started afresh.
     """
     manifest = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else None
-    if manifest is not None and not overwrite:
-        differences = settings_differences(manifest.get("settings", {}), settings)
-        if differences:
-            raise ValueError(
-                f"{layout.root} holds embeddings made with other settings ({'; '.join(differences[:6])}); pass another "
-                f"--output to keep them, or --overwrite to replace them")
-    elif manifest is None and not overwrite and any(folder.is_dir() and any(folder.iterdir()) for folder in layout.folders):
-        raise ValueError(f"{layout.root} holds img_emb/metadata files but no manifest.json, so it is not known how they "
-                         f"were made; pass another --output, or --overwrite to replace them")
-    if overwrite:
+    refusal = None if overwrite else _refusal(layout, manifest, settings)
+    if refusal is not None and _has_finished_shard(layout):
+        raise ValueError(refusal)
+    if overwrite or refusal is not None:
         _remove_outputs(layout)
         manifest = None
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir(exist_ok=True)
     if manifest is None:
         manifest = {"format": MANIFEST_FORMAT, "settings": settings, "columns": list(METADATA_COLUMNS),
                     "created": _now(), "runs": [], "shards": {"total": layout.num_tasks, "done": []}, "summary": None}
@@ -100,6 +143,20 @@ def _now() -> str:
 
 
 @dataclass
+class RunStats:
+    """Where one process's run went: seconds in all, waiting for the DataLoader workers and waiting
+    to hand packs to the writer; inputs, items and patch tokens it encoded; its worker count."""
+
+    workers: int = 0
+    wall_s: float = 0.0
+    data_wait_s: float = 0.0
+    writer_wait_s: float = 0.0
+    inputs: int = 0
+    items: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class Summary:
     """The outcome of a run over the whole folder: rows by status, shards done and missing."""
 
@@ -110,7 +167,10 @@ class Summary:
     shards_total: int = 0
     missing_shards: list[str] = field(default_factory=list)
     failures_file: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    #: the files of an input folder that are not images or videos (not read), by extension
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: this process's figures (each rank has its own); ``None`` when it encoded nothing
+    stats: RunStats | None = None
 
     @property
     def ok(self) -> int:
@@ -125,6 +185,10 @@ class Summary:
         failed = ", ".join(f"{status} {count}" for status, count in sorted(self.by_status.items()) if status != "ok")
         lines = [f"{self.rows} items in {self.shards_done}/{self.shards_total} shards under {self.output}: "
                  f"{self.ok} ok, {self.failed} failed" + (f" ({failed})" if failed else "")]
+        if self.skipped:
+            counts = ", ".join(f"{extension} {count}" for extension, count in self.skipped.items())
+            lines.append(f"not read: {sum(self.skipped.values())} files of the input folder that are not images or "
+                         f"videos ({counts}); a .txt or .json beside an image is its caption or json column")
         if self.failures_file:
             lines.append(f"failed items are listed in {self.failures_file} (and in metadata/*.parquet, status != 'ok')")
         if self.missing_shards:
@@ -133,14 +197,14 @@ class Summary:
         return lines
 
 
-def summarize(layout: OutputLayout, tasks: Sequence[int], with_tokens: bool) -> Summary:
+def summarize(layout: OutputLayout, tasks: Sequence[int], with_tokens: bool, skipped: dict[str, int] | None = None) -> Summary:
     """Counts the rows of every done shard by status and writes ``failures.parquet`` (the failed
     rows of all shards, with a ``shard`` column) when there are any."""
-    parquet = require_pyarrow()
+    parquet = require("pyarrow.parquet", "embed", "reading the metadata parquet files")
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    summary = Summary(str(layout.root), shards_total=len(tasks))
+    summary = Summary(str(layout.root), shards_total=len(tasks), skipped=dict(skipped or {}))
     failures = []
     for task in tasks:
         if not layout.is_complete(task, with_tokens):
@@ -171,5 +235,5 @@ def finish_manifest(layout: OutputLayout, summary: Summary) -> None:
                           "done": [layout.shard_name(task) for task in range(layout.num_tasks)
                                    if layout.shard_name(task) not in missing]}
     manifest["summary"] = {"rows": summary.rows, "ok": summary.ok, "failed": summary.failed, "by_status": summary.by_status,
-                           "failures_file": summary.failures_file}
+                           "failures_file": summary.failures_file, "skipped": summary.skipped}
     _write_json(layout, manifest)

@@ -1,84 +1,70 @@
-"""The model side of ``packvit embed``: loading a checkpoint, its processor, and one forward.
+"""The encode stage: a checkpoint's identity, its model loaded, and one pack → host outputs.
 
-This module is the only one in ``packvit.embed`` that calls the model and processor API; the rest
-sees an ``Encoder``: ``encoder(batch)`` → pooled embeddings and the requested token layers.
+This module is the only one in ``packvit.embed`` that calls the model; the rest sees an
+``Encoder``: ``encoder.encode(pack)`` → ``HostOutputs`` (pooled embeddings and the requested token
+layers, on the host, in the output dtype).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..checkpoint import read_config_dict, resolve_checkpoint
-from ..models.registry import family_config
+from ..models.base import normalize_layer_indices
+from ..models.registry import family_config, model_class
 from ..packing import PackedBatch
+from .layout import OutputFormat
+from .packer import HostOutputs, Pack
 
-__all__ = ["ProcessorSpec", "CheckpointInfo", "describe_checkpoint", "Encoder", "load_encoder", "token_names"]
-
-
-def token_names(layers: Sequence[int] | None) -> list[str]:
-    """Names of the token tensors written for ``layers``: ``last_hidden_state`` when no layers are
-    asked, else ``hidden_states.{index}`` for each."""
-    return ["last_hidden_state"] if not layers else [f"hidden_states.{index}" for index in layers]
+__all__ = ["OUTPUT_FILES", "sha256_of", "CheckpointInfo", "describe_checkpoint", "Encoder", "load_encoder"]
 
 
-@dataclass(frozen=True)
-class ProcessorSpec:
-    """How to build a checkpoint's processor in a worker process (a picklable recipe)."""
+#: the files of a checkpoint directory that decide a run's outputs: its configuration, its processor
+#: settings, its weights and their index
+OUTPUT_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json")
 
-    checkpoint: str
-    family: str
-    native: bool = True
-    max_num_patches: int | None = None
 
-    @classmethod
-    def of(cls, info: "CheckpointInfo", native: bool = True, max_num_patches: int | None = None) -> "ProcessorSpec":
-        return cls(str(info.directory), info.family, native, max_num_patches)
-
-    def probe(self) -> PackedBatch:
-        """The processor built and run on one small grey image; ``ValueError`` where the family's
-        processor refuses these settings."""
-        from PIL import Image
-
-        try:
-            return self.build()(images=[Image.new("RGB", (64, 64), (128, 128, 128))])
-        except ValueError as error:
-            hint = "" if not self.native else "; pass --fixed for the published fixed-size processor"
-            raise ValueError(f"the {self.family} processor of {self.checkpoint} refuses these settings ({error}){hint}") from error
-
-    def build(self):
-        """The processor: ``processor(images=None, videos=None) -> PackedBatch``."""
-        import packvit
-
-        return functools.partial(packvit.load_processor(self.checkpoint), native=self.native,
-                                 max_num_patches=self.max_num_patches)
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's contents, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What identifies a checkpoint in a manifest: its family, a hash of its ``config.json`` and the
-    sizes of its weight files."""
+    """What a run needs to know of a checkpoint before loading it: its family and model shape, and
+    (``file_hashes``) what identifies it in a manifest."""
 
     checkpoint: str
     directory: Path
     family: str
     num_hidden_layers: int
-    config_sha256: str
-    weights: dict[str, int]
+    head_dim: int
+    #: whether the model takes a video as one item (else a video's frames are items)
+    takes_video: bool
+
+    def file_hashes(self) -> dict[str, str]:
+        """``{file name: SHA-256 of its contents}`` of every ``OUTPUT_FILES`` file there is (reading
+        every byte of the weights: about a second per 1.5 GB)."""
+        files = sorted({path for pattern in OUTPUT_FILES for path in self.directory.glob(pattern) if path.is_file()})
+        return {path.name: sha256_of(path) for path in files}
 
     def check_layers(self, layers: Sequence[int]) -> None:
         """Refuses hidden-state indices the model does not have (0 = embeddings, -1 = last layer)."""
         for index in layers:
-            if not -(self.num_hidden_layers + 1) <= index <= self.num_hidden_layers:
-                raise ValueError(
-                    f"--layers {index} is out of range: {self.checkpoint} has {self.num_hidden_layers + 1} hidden "
-                    f"states (0 = embeddings ... {self.num_hidden_layers} = last layer; -1 = last)")
+            try:
+                normalize_layer_indices([index], self.num_hidden_layers)
+            except ValueError as error:
+                raise ValueError(f"--layers {index} is out of range: {self.checkpoint}: {error}") from None
 
 
 def describe_checkpoint(checkpoint: str) -> CheckpointInfo:
@@ -91,64 +77,88 @@ def describe_checkpoint(checkpoint: str) -> CheckpointInfo:
         directory=directory,
         family=family,
         num_hidden_layers=family_settings.num_hidden_layers,
-        config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        weights={file.name: file.stat().st_size for file in sorted(directory.glob("*.safetensors"))},
+        head_dim=family_settings.head_dim,
+        takes_video=model_class(family).takes_video,
     )
 
 
-@dataclass
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor copied, without blocking, into pinned host memory."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 class Encoder:
-    """A loaded model, the checkpoint it came from, its processor recipe, and which tokens to return
-    (none; ``last_hidden_state`` with ``save_tokens``; the hidden states ``layers`` with both)."""
+    """A loaded model and what to return per pack: pooled embeddings (L2-normalised with
+    ``normalize``) and the token tensors ``token_names`` (``last_hidden_state``, or the hidden
+    states ``layers``), stored as ``output_dtype``.
 
-    model: torch.nn.Module
-    info: CheckpointInfo
-    processor: ProcessorSpec
-    save_tokens: bool = False
-    layers: tuple[int, ...] = field(default=())
+    On CUDA a pack's patches are copied on a side stream (overlapping the forward in flight) and the
+    outputs come back by non-blocking copies into pinned memory.
+    """
 
-    @property
-    def token_names(self) -> list[str]:
-        return token_names(self.layers) if self.save_tokens else []
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def takes_videos(self) -> bool:
-        """Whether a clip is one item (OneVision's timeline) rather than frames as items."""
-        return self.info.family == "llava_vit"
+    def __init__(self, model: torch.nn.Module, *, token_names: Sequence[str] = (), layers: Sequence[int] = (),
+                 normalize: bool = False, output_dtype: str = "float16"):
+        self.model = model
+        self.token_names = tuple(token_names)
+        self.layers = tuple(layers)
+        self.normalize = normalize
+        self.output_dtype = output_dtype
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @torch.inference_mode()
-    def __call__(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``batch`` (on any device) → ``(pooled [num_items, D], {name: tokens [total_patches, D]})``
-        for each of ``token_names``."""
-        output = self._forward(batch)
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``batch`` (on the model's device) → ``(pooled [num_items, D], {name: [num_tokens, D]})``."""
+        output = self.model(batch, hidden_layers=list(self.layers)) if self.layers else self.model(batch)
         pooled = output.pooler_output
         if pooled is None:
-            raise ValueError(f"{self.info.checkpoint} has no pooled output (no head); packvit embed writes pooled embeddings")
-        if not self.save_tokens:
+            raise ValueError(f"{type(self.model).__name__} has no pooled output (no head); packvit embed writes "
+                             f"pooled embeddings")
+        if not self.token_names:
             return pooled, {}
         if not self.layers:
             return pooled, {"last_hidden_state": output.last_hidden_state}
-        return pooled, dict(zip(token_names(self.layers), output.hidden_states))
+        return pooled, dict(zip(self.token_names, output.hidden_states))
 
-    def _forward(self, batch: PackedBatch):
-        if self.save_tokens and self.layers:
-            return self.model(batch, hidden_layers=list(self.layers))
-        return self.model(batch)
+    @torch.inference_mode()
+    def encode(self, pack: Pack) -> HostOutputs:
+        """One pack → its outputs on the host, normalised and cast; the copies back are in flight on
+        CUDA (``HostOutputs.ready``)."""
+        if pack.batch is None:
+            return HostOutputs(None)
+        pooled, tokens = self.forward(self._to_device(pack.batch))  # [items, D], {name: [tokens, D]}
+        if self.normalize:
+            pooled = F.normalize(pooled.float(), dim=-1)
+        dtype = getattr(torch, self.output_dtype)
+        pooled, tokens = pooled.to(dtype), {name: value.to(dtype) for name, value in tokens.items()}
+        if self.device.type != "cuda":
+            return HostOutputs(pooled, tokens)
+        outputs = HostOutputs(_to_host(pooled), {name: _to_host(value) for name, value in tokens.items()},
+                              torch.cuda.Event())
+        outputs.ready.record()
+        return outputs
+
+    def output_format(self, probe: PackedBatch) -> OutputFormat:
+        """The format of the outputs, from one forward of ``probe`` (also a warm-up)."""
+        pooled, tokens = self.forward(self._to_device(probe))
+        token_dim = next((value.shape[-1] for value in tokens.values()), None)
+        return OutputFormat(pooled.shape[-1], self.output_dtype, self.token_names, token_dim)
+
+    def _to_device(self, batch: PackedBatch) -> PackedBatch:
+        if self._copy_stream is None:
+            return batch.to(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = batch.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copy_stream)
+        moved.patches.record_stream(compute)
+        return moved
 
 
-def load_encoder(info: CheckpointInfo, processor: ProcessorSpec, *, device=None, dtype=None, save_tokens: bool = False,
-                 layers: Sequence[int] = ()) -> Encoder:
-    """Loads a described checkpoint for embedding (see ``Encoder`` for the tokens it returns)."""
-    import packvit
-
-    info.check_layers(layers)
-    model = packvit.from_pretrained(str(info.directory), device=device, dtype=dtype)
-    return Encoder(model, info, processor, save_tokens, tuple(layers))
+def load_encoder(info: CheckpointInfo, *, device=None, dtype=None, token_names: Sequence[str] = (),
+                 layers: Sequence[int] = (), normalize: bool = False, output_dtype: str = "float16") -> Encoder:
+    """Loads a described checkpoint for embedding (see ``Encoder``)."""
+    model = model_class(info.family).from_pretrained(info.directory, device=device, dtype=dtype)
+    return Encoder(model, token_names=token_names, layers=layers, normalize=normalize, output_dtype=output_dtype)

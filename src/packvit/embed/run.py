@@ -12,64 +12,31 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .._optional import require
+from ..attention import select_backend
 from ..models.base import default_dtype
-from .dataset import DecodeOptions, EmbedDataset, init_worker
-from .decode import DEFAULT_MAX_PIXELS, require_av
-from .manifest import Summary, finish_manifest, open_output, summarize
-from .model import Encoder, ProcessorSpec, describe_checkpoint, load_encoder, token_names
+from .dataset import InputCounter, make_loader
+from .decode import DecodeOptions, media_kind, require_av
+from .layout import OutputLayout, check_output_folder
+from .manifest import RunStats, Summary, build_settings, finish_manifest, open_output, summarize
+from .model import Encoder, describe_checkpoint, load_encoder
+from .options import EmbedOptions, default_workers
 from .packer import Pack
-from .sources import InputPlan, Task, media_kind, plan_inputs, task_chunks
-from .writer import OutputLayout, ShardWriter, require_pyarrow
+from .preprocess import ProcessorSpec
+from .sources import InputPlan, Task, plan_inputs
+from .writer import ShardWriter
 
-__all__ = ["EmbedOptions", "embed", "default_workers"]
-
-OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    """The settings of a run (the CLI flags of ``packvit embed`` have the same names)."""
-
-    fixed: bool = False
-    max_num_patches: int | None = None
-    token_budget: int = 32_768
-    workers: int | None = None
-    dtype: str = "float16"
-    normalize: bool = False
-    save_tokens: bool = False
-    layers: tuple[int, ...] = ()
-    shard_size: int = 10_000
-    num_frames: int = 16
-    path_column: str | None = None
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    device: str | None = None
-    model_dtype: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-
-    def __post_init__(self):
-        if self.dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.dtype!r}")
-        if self.layers and not self.save_tokens:
-            raise ValueError("--layers chooses which hidden states --save_tokens writes; add --save_tokens")
-        if self.num_frames < 1:
-            raise ValueError(f"--num_frames must be at least 1, got {self.num_frames}")
-        if self.token_budget < 1:
-            raise ValueError(f"--token_budget must be at least 1, got {self.token_budget}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
+__all__ = ["embed"]
 
 
 @dataclass
@@ -107,16 +74,36 @@ class _Ranks:
             dist.destroy_process_group()
 
 
-def default_workers(local_world_size: int = 1) -> int:
-    """DataLoader workers per process: this process's share of the CPU cores, less one for itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(local_world_size, 1) - 1)
-
-
 def _device(options: EmbedOptions, ranks: _Ranks) -> torch.device:
-    if options.device is not None:
-        return torch.device(options.device)
-    return torch.device(f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
+    """The device to run on; ``ValueError`` for one torch does not know or cannot use here."""
+    if options.device is None:
+        return torch.device(f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(options.device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {options.device!r} is not a device torch knows ({error}); pass cpu, cuda or "
+                         f"cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {options.device}: this torch ({torch.__version__}) sees no CUDA device (built "
+                             f"for CUDA: {torch.version.cuda or 'no'}); pass --device cpu, or install a CUDA build of "
+                             f"torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {options.device}: there are {torch.cuda.device_count()} CUDA devices (0 .. "
+                             f"{torch.cuda.device_count() - 1}); pass one of them")
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if not callable(getattr(module, "is_available", None)) or not module.is_available():
+            raise ValueError(f"--device {options.device}: this torch cannot run on {device.type} here; pass cpu or cuda")
+    return device
+
+
+def _check_attention(device: torch.device, dtype: torch.dtype, info) -> None:
+    """Refuses a compute dtype or a forced attention backend that cannot run on ``device``."""
+    try:
+        select_backend(device, dtype, info.head_dim)
+    except ValueError as error:
+        raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
 
 
 def _check_inputs(plan: InputPlan) -> None:
@@ -125,146 +112,109 @@ def _check_inputs(plan: InputPlan) -> None:
         require_av()
 
 
-def _settings(info, plan: InputPlan, given: Sequence[str], options: EmbedOptions, model_dtype: torch.dtype) -> dict:
-    return {
-        "model": {"checkpoint": info.checkpoint, "family": info.family, "config_sha256": info.config_sha256,
-                  "weights": info.weights, "dtype": str(model_dtype).replace("torch.", "")},
-        "processor": {"native": not options.fixed, "max_num_patches": options.max_num_patches,
-                      "max_pixels": options.max_pixels, "num_frames": options.num_frames,
-                      "videos": "clips" if info.family == "llava_vit" else "frames as items"},
-        "output": {"dtype": options.dtype, "normalize": options.normalize,
-                   "tokens": token_names(options.layers) if options.save_tokens else [], "shard_size": options.shard_size},
-        "input": {"given": list(given), "kind": plan.kind, "num_inputs": plan.num_inputs, "num_tasks": len(plan.tasks),
-                  "fingerprint": plan.fingerprint},
-    }
-
-
-def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict, options: EmbedOptions, ranks: _Ranks) -> list[Task]:
+def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict | None, options: EmbedOptions,
+                 ranks: _Ranks) -> list[Task]:
     """Rank 0 opens the folder and lists the tasks not done; every rank checks that it sees the
     same input as rank 0 and takes its share."""
-    claimed: object = None
+    open_tasks: list[int] | BaseException | None = None
     if ranks.rank == 0:
         try:
             open_output(layout, settings, ranks.world_size, options.overwrite)
             layout.make_folders(options.save_tokens)
             layout.remove_temporary_files()
-            claimed = [task.index for task in plan.tasks if not layout.is_complete(task.index, options.save_tokens)]
-        except (ValueError, OSError) as error:
-            claimed = error
-    claimed, fingerprint, num_tasks = ranks.broadcast((claimed, plan.fingerprint, len(plan.tasks)))
-    if isinstance(claimed, BaseException):
-        raise claimed
+            open_tasks = [task.index for task in plan.tasks if not layout.is_complete(task.index, options.save_tokens)]
+        except ValueError as error:
+            open_tasks = error
+        except OSError as error:
+            open_tasks = ValueError(f"--output {layout.root} cannot be written ({error}); check its permissions and "
+                                    f"free space, or pass another --output")
+    open_tasks, fingerprint, num_tasks = ranks.broadcast((open_tasks, plan.fingerprint, len(plan.tasks)))
+    if isinstance(open_tasks, BaseException):
+        raise open_tasks
     if fingerprint != plan.fingerprint:
         raise ValueError(f"rank {ranks.rank} sees another input than rank 0 ({len(plan.tasks)} tasks against {num_tasks}); "
                          f"the input must be on a filesystem every host sees, unchanged while the run lasts")
-    return [plan.tasks[index] for index in claimed[ranks.rank::ranks.world_size]]
-
-
-def _output_dims(encoder: Encoder) -> tuple[int, int | None]:
-    """``(pooled dim, token dim)`` from one forward of a small grey image (also a warm-up)."""
-    pooled, tokens = encoder(encoder.processor.probe())
-    return pooled.shape[-1], next((t.shape[-1] for t in tokens.values()), None)
+    return [plan.tasks[index] for index in open_tasks[ranks.rank::ranks.world_size]]
 
 
 class _Progress:
-    """A tqdm bar on rank 0 (inputs, items/s, tokens/s, ETA), or with ``quiet`` one log line per shard."""
+    """Progress on rank 0: a tqdm bar of the inputs the workers have finished (``counter``, redrawn
+    twice a second, so it moves input by input), with the inputs embedded, tokens/s and shards done
+    beside it; with ``quiet`` one log line per shard instead."""
 
-    def __init__(self, tasks: Sequence[Task], ranks: _Ranks, quiet: bool):
+    def __init__(self, tasks: Sequence[Task], ranks: _Ranks, quiet: bool, counter: InputCounter):
         counts = [task.num_inputs for task in tasks]
         total = sum(counts) if None not in counts else None
-        self.num_tasks, self.done_tasks, self.tokens = len(tasks), 0, 0
+        self.counter = counter
+        self.num_tasks, self.done_tasks, self.inputs, self.tokens = len(tasks), 0, 0, 0
         self.quiet, self.prefix = quiet, f"[rank {ranks.rank}/{ranks.world_size}] " if ranks.world_size > 1 else ""
         self.start = time.perf_counter()
-        self.inputs = 0
         self.bar = None if quiet or ranks.rank != 0 else tqdm(total=total, unit="input", dynamic_ncols=True,
                                                               desc=f"{self.prefix}embed", smoothing=0.05)
+        self._stop = threading.Event()
+        self._thread = None
+        if self.bar is not None:
+            self._thread = threading.Thread(target=self._redraw, name="packvit-embed-progress", daemon=True)
+            self._thread.start()
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(0.5):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Draws the bar at the inputs finished so far (the only place the bar is drawn)."""
+        if self.bar is None:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.n = self.counter.value
+        self.bar.set_postfix_str(f"embedded {self.inputs}, {self.tokens / elapsed:,.0f} tok/s, "
+                                 f"shards {self.done_tasks}/{self.num_tasks}", refresh=False)
+        self.bar.refresh()
 
     def pack(self, pack: Pack) -> None:
         self.inputs += pack.num_inputs
         self.tokens += pack.num_tokens
-        if self.bar is not None:
-            self.bar.update(pack.num_inputs)
-            self._postfix()
-
-    def _postfix(self) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s, shards {self.done_tasks}/{self.num_tasks}",
-                                 refresh=False)
 
     def shard(self, name: str) -> None:
         self.done_tasks += 1
-        if self.bar is not None:
-            self._postfix()
         if self.quiet:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             print(f"{self.prefix}shard {name} done ({self.done_tasks}/{self.num_tasks}): {self.inputs / elapsed:,.1f} "
                   f"inputs/s, {self.tokens / elapsed:,.0f} tokens/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         if self.bar is not None:
+            self.refresh()
             self.bar.close()
 
 
-def _to_device(pack: Pack, device: torch.device, copy_stream) -> Pack:
-    """The pack's patches on ``device``; on CUDA copied on ``copy_stream`` (overlapping the forward
-    in flight), which the compute stream then waits for."""
-    if pack.batch is None or device.type != "cuda":
-        return pack
-    with torch.cuda.stream(copy_stream):
-        batch = pack.batch.to(device)
-    compute = torch.cuda.current_stream(device)
-    compute.wait_stream(copy_stream)
-    batch.patches.record_stream(compute)
-    return replace(pack, batch=batch)
-
-
-def _to_host(pooled: torch.Tensor, tokens: dict[str, torch.Tensor]):
-    """Device outputs → host tensors (pinned, copied without blocking) and the event they are
-    ready at (``None`` on the CPU, where they already are)."""
-    if pooled.device.type != "cuda":
-        return pooled, tokens, None
-
-    def copy(tensor):
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return host.copy_(tensor, non_blocking=True)
-
-    host_pooled, host_tokens = copy(pooled), {name: copy(value) for name, value in tokens.items()}
-    ready = torch.cuda.Event()
-    ready.record()
-    return host_pooled, host_tokens, ready
-
-
-def _timed(iterator, stats: dict):
-    """The packs of ``iterator``, adding the time spent waiting for each to ``stats["data_wait_s"]``."""
+def _waiting(iterator: Iterator[Pack], stats: RunStats) -> Iterator[Pack]:
+    """The packs of ``iterator``, adding the time spent waiting for each to ``stats.data_wait_s``."""
     while True:
         waited = time.perf_counter()
         pack = next(iterator, None)
-        stats["data_wait_s"] += time.perf_counter() - waited
+        stats.data_wait_s += time.perf_counter() - waited
         if pack is None:
             return
         yield pack
 
 
-def _encode_tasks(encoder: Encoder, tasks: Sequence[Task], layout: OutputLayout, options: EmbedOptions,
-                  ranks: _Ranks, on_task_done: Callable[[int], None] | None) -> dict[str, float]:
-    """Encodes and writes ``tasks``; returns timings: wall, waiting for data, waiting on the writer."""
-    chunks = task_chunks(tasks)
-    workers = options.workers if options.workers is not None else default_workers(ranks.local_world_size)
-    workers = min(workers, len(chunks))
-    decode = DecodeOptions(options.max_pixels, options.num_frames, clips=encoder.takes_videos)
-    dataset = EmbedDataset(tasks, chunks, encoder.processor, options.token_budget, decode, encoder.dtype)
-    device = encoder.device
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=init_worker, in_order=False)
-    embedding_dim, token_dim = _output_dims(encoder)
-    out_dtype = getattr(torch, options.dtype)
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    stats = {"wall_s": 0.0, "data_wait_s": 0.0, "writer_wait_s": 0.0, "inputs": 0, "items": 0, "tokens": 0,
-             "workers": workers}
+def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOptions, tasks: Sequence[Task],
+                  layout: OutputLayout, options: EmbedOptions, ranks: _Ranks,
+                  on_task_done: Callable[[int], None] | None) -> RunStats:
+    """Encodes and writes ``tasks``; returns this process's figures."""
+    workers = options.workers if options.workers is not None else default_workers(encoder.device, ranks.local_world_size)
+    counter = InputCounter()
+    loader = make_loader(tasks, processor, options.token_budget, decode, encoder.dtype, workers, encoder.device, counter)
+    stats = RunStats(workers=loader.num_workers)
+    output_format = encoder.output_format(processor.probe())
     start = time.perf_counter()
     iterator = iter(loader)  # workers fork here, before the writer thread starts
-    writer = ShardWriter(layout, tasks, embedding_dim, OUTPUT_DTYPES[options.dtype], encoder.token_names, token_dim)
-    progress = _Progress(tasks, ranks, options.quiet)
+    writer = ShardWriter(layout, {task.index: task.num_inputs for task in tasks}, output_format)
+    progress = _Progress(tasks, ranks, options.quiet, counter)
 
     def finished(done: list[int]) -> None:
         for task in done:
@@ -274,20 +224,14 @@ def _encode_tasks(encoder: Encoder, tasks: Sequence[Task], layout: OutputLayout,
 
     closed = False
     try:
-        for pack in _timed(iterator, stats):
-            pooled = tokens = ready = None
-            if pack.batch is not None:
-                with torch.inference_mode():
-                    pooled, tokens = encoder(_to_device(pack, device, copy_stream).batch)
-                    if options.normalize:
-                        pooled = F.normalize(pooled.float(), dim=-1)
-                    pooled, tokens, ready = _to_host(pooled.to(out_dtype), {k: v.to(out_dtype) for k, v in tokens.items()})
-                stats["items"] += pack.batch.num_items
+        for pack in _waiting(iterator, stats):
+            outputs = encoder.encode(pack)
             waited = time.perf_counter()
-            writer.submit(pack.inputs, pack.task_totals, pooled, tokens or {}, ready)
-            stats["writer_wait_s"] += time.perf_counter() - waited
-            stats["inputs"] += pack.num_inputs
-            stats["tokens"] += pack.num_tokens
+            writer.submit(pack, outputs)
+            stats.writer_wait_s += time.perf_counter() - waited
+            stats.inputs += pack.num_inputs
+            stats.items += pack.num_items
+            stats.tokens += pack.num_tokens
             progress.pack(pack)
             finished(writer.completed())
         closed = True
@@ -297,7 +241,7 @@ def _encode_tasks(encoder: Encoder, tasks: Sequence[Task], layout: OutputLayout,
             writer.abort()
         progress.close()
         del iterator  # shuts the workers down now, also when an error is on its way up
-    stats["wall_s"] = time.perf_counter() - start
+    stats.wall_s = time.perf_counter() - start
     return stats
 
 
@@ -309,32 +253,37 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
     (a path, a brace pattern, or a list of them). Reruns continue where a run stopped.
     ``on_task_done(task_index)`` is called after each shard this process writes.
     """
-    options = EmbedOptions(**{key: tuple(value or ()) if key == "layers" else value for key, value in options.items()})
-    require_pyarrow()
+    options = EmbedOptions.of(**options)
+    require("pyarrow.parquet", "embed", "writing the metadata parquet files")
+    check_output_folder(Path(output))
     ranks = _Ranks.from_environment()
     try:
+        # every check before anything is written
         given = [str(value) for value in ([input] if isinstance(input, (str, os.PathLike)) else input)]
-        plan = plan_inputs([os.path.abspath(value) for value in given], options.shard_size, options.path_column)
+        plan = plan_inputs([os.path.abspath(value) for value in given], options.shard_size, options.path_column,
+                           exclude=output)
         _check_inputs(plan)
         device = _device(options, ranks)
+        model_dtype = default_dtype(device, options.model_dtype)
         info = describe_checkpoint(model)
         info.check_layers(options.layers)
-        processor = ProcessorSpec.of(info, native=not options.fixed, max_num_patches=options.max_num_patches)
+        _check_attention(device, model_dtype, info)
+        processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches)
         processor.probe()
-        model_dtype = default_dtype(device, options.model_dtype)
         layout = OutputLayout(Path(output), len(plan.tasks))
-        settings = _settings(info, plan, given, options, model_dtype)
+        settings = build_settings(info, processor.settings(), plan, given, options, model_dtype) if ranks.rank == 0 else None
         tasks = _claim_tasks(layout, plan, settings, options, ranks)
-        stats = {}
+        stats = None
         if tasks:
-            encoder = load_encoder(info, processor, device=device, dtype=model_dtype, save_tokens=options.save_tokens,
-                                   layers=options.layers)
-            stats = _encode_tasks(encoder, tasks, layout, options, ranks, on_task_done)
+            encoder = load_encoder(info, device=device, dtype=model_dtype, token_names=options.token_names,
+                                   layers=options.layers, normalize=options.normalize, output_dtype=options.dtype)
+            decode = DecodeOptions(options.max_pixels, options.num_frames, video_as_item=info.takes_video)
+            stats = _encode_tasks(encoder, processor, decode, tasks, layout, options, ranks, on_task_done)
         if ranks.world_size > 1:
             dist.barrier()
         summary = None
         if ranks.rank == 0:
-            summary = summarize(layout, range(len(plan.tasks)), options.save_tokens)
+            summary = summarize(layout, range(len(plan.tasks)), options.save_tokens, plan.skipped)
             finish_manifest(layout, summary)
         summary = ranks.broadcast(summary)
         summary.stats = stats
