@@ -269,9 +269,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """``python -m packvit.align``: ``packvit align`` on its own."""
-    from .cli import main as packvit
-
-    return packvit(["align", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="packvit align", description="Parity of packed models against their references.")
+    add_arguments(parser)
+    return arguments.run_command("align", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

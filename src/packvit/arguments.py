@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["BadArgument", "positive_int", "non_negative_int", "device", "device_or_default", "output_file", "output_folder", "input_folder"]
+__all__ = ["run_command", "BadArgument", "positive_int", "non_negative_int", "device", "device_or_default", "output_file", "output_folder", "input_folder"]
 
 
 class BadArgument(argparse.ArgumentTypeError, ValueError):
@@ -112,3 +113,13 @@ def input_folder(text: str) -> Path:
     if not os.access(path, os.R_OK | os.X_OK):
         raise BadArgument(f"{path} is not readable by this user")
     return path
+
+
+def run_command(command: str, handler, args) -> int:
+    """``handler(args)``, its exit status; an input or setting that cannot be used, or a missing
+    extra, ends as ``packvit COMMAND: error: ...`` on stderr with status 2."""
+    try:
+        return handler(args)
+    except (ValueError, ImportError) as error:
+        print(f"packvit {command}: error: {error}", file=sys.stderr)
+        return 2

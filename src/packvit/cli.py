@@ -107,11 +107,7 @@ def main(argv=None) -> int:
     embed_parser.set_defaults(handler=embed_cli.run)
 
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, ImportError) as error:  # an input or setting that cannot be used, a missing extra
-        print(f"packvit {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return arguments.run_command(args.command, args.handler, args)
 
 
 if __name__ == "__main__":

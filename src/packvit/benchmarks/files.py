@@ -146,25 +146,21 @@ def _transformers_pass(settings: FilesSettings, checkpoint: Path, paths: list[st
             "processor": processor_name, "pooled": pooled}
 
 
-def _embed_loader(encoder, folder: Path, settings: FilesSettings) -> torch.utils.data.DataLoader:
-    """The DataLoader ``packvit embed`` runs on ``folder`` (its settings in ``embed/run.py``): workers
+def _embed_loader(encoder, processor, folder: Path, settings: FilesSettings) -> torch.utils.data.DataLoader:
+    """The DataLoader ``packvit embed`` runs on ``folder`` (``embed.dataset.make_loader``): workers
     that read, decode, preprocess and pack the files into ``embed.packer.Pack``s."""
-    from ..embed.dataset import DecodeOptions, EmbedDataset, init_worker
-    from ..embed.sources import plan_inputs, task_chunks
+    from ..embed.decode import DecodeOptions
+    from ..embed.dataset import make_loader
+    from ..embed.sources import plan_inputs
 
-    plan = plan_inputs(str(folder))
-    chunks = task_chunks(plan.tasks)
-    dataset = EmbedDataset(plan.tasks, chunks, encoder.processor, settings.patch_token_budget, DecodeOptions(),
-                           encoder.dtype)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(settings.workers, len(chunks)),
-                                       pin_memory=settings.device.type == "cuda", worker_init_fn=init_worker,
-                                       in_order=False)
+    return make_loader(plan_inputs(str(folder)).tasks, processor, settings.patch_token_budget, DecodeOptions(),
+                       encoder.dtype, settings.workers, settings.device)
 
 
-def _input_pass(settings: FilesSettings, encoder, folder: Path) -> tuple[list, float]:
+def _input_pass(settings: FilesSettings, encoder, processor, folder: Path) -> tuple[list, float]:
     """packvit's input pipeline alone (read, decode, preprocess, pack): its packs' batches and the seconds it took."""
     start = time.perf_counter()
-    batches = [pack.batch for pack in _embed_loader(encoder, folder, settings) if pack.batch is not None]
+    batches = [pack.batch for pack in _embed_loader(encoder, processor, folder, settings) if pack.batch is not None]
     return batches, time.perf_counter() - start
 
 
@@ -174,7 +170,7 @@ def _forward_pass(settings: FilesSettings, encoder, batches: list) -> tuple[floa
 
     def forward_pass():
         for batch in on_device:
-            encoder(batch)
+            encoder.forward(batch)
 
     with peak_memory(settings.device) as memory:
         seconds = median_seconds(forward_pass, settings.device, settings.repeats)
@@ -183,12 +179,13 @@ def _forward_pass(settings: FilesSettings, encoder, batches: list) -> tuple[floa
 
 def _pipeline_parts(settings: FilesSettings, checkpoint: Path, folder: Path) -> dict:
     """The two parts of ``packvit embed`` measured apart: its input pipeline, then its forward on those packs."""
-    from ..embed.model import ProcessorSpec, describe_checkpoint, load_encoder
+    from ..embed.model import describe_checkpoint, load_encoder
+    from ..embed.preprocess import ProcessorSpec
 
     info = describe_checkpoint(str(checkpoint))
-    encoder = load_encoder(info, ProcessorSpec.of(info, max_num_patches=settings.max_num_patches),
-                           device=settings.device, dtype=settings.dtype)
-    batches, input_seconds = _input_pass(settings, encoder, folder)
+    encoder = load_encoder(info, device=settings.device, dtype=settings.dtype)
+    processor = ProcessorSpec(str(info.directory), info.family, True, settings.max_num_patches)
+    batches, input_seconds = _input_pass(settings, encoder, processor, folder)
     items = sum(batch.num_items for batch in batches)
     tokens = sum(batch.patches.shape[0] for batch in batches)  # patch tokens
     forward_seconds, peak_mib = _forward_pass(settings, encoder, batches)
@@ -212,10 +209,10 @@ def _packvit_pass(settings: FilesSettings, checkpoint: Path, folder: Path, paths
         summary = embed(str(checkpoint), folder, work / "out", **options)
     call_seconds = time.perf_counter() - start
     stats = summary.stats
-    return {"items_per_s": stats["items"] / stats["wall_s"], "tokens_per_s": stats["tokens"] / stats["wall_s"],
-            "loop_seconds": stats["wall_s"], "call_seconds": call_seconds, "peak_mib": memory.peak_mib,
-            "data_wait_share": stats["data_wait_s"] / stats["wall_s"],
-            "writer_wait_share": stats["writer_wait_s"] / stats["wall_s"], "workers": stats["workers"],
+    return {"items_per_s": stats.items / stats.wall_s, "tokens_per_s": stats.tokens / stats.wall_s,
+            "loop_seconds": stats.wall_s, "call_seconds": call_seconds, "peak_mib": memory.peak_mib,
+            "data_wait_share": stats.data_wait_s / stats.wall_s,
+            "writer_wait_share": stats.writer_wait_s / stats.wall_s, "workers": stats.workers,
             "ok": summary.ok, "failed": summary.failed, "output": str(work / "out")}
 
 
@@ -267,11 +264,11 @@ def _table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..embed.run import default_workers
+    from ..embed.options import default_workers
 
     parser.add_argument("--num_files", type=arguments.positive_int, default=5000, help="JPEG files to write and embed")
     parser.add_argument("--size", choices=("tiny", "full"), default="full", help="random SigLIP2: tiny, or full (so400m)")
-    parser.add_argument("--workers", type=arguments.non_negative_int, default=default_workers(),
+    parser.add_argument("--workers", type=arguments.non_negative_int, default=default_workers("cuda"),
                         help="DataLoader workers (both pipelines; 0: in the main process)")
     parser.add_argument("--device", type=arguments.device,
                         help="cuda or cuda:N (another device with --size tiny; default: cuda when available)")
