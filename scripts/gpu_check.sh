@@ -93,7 +93,7 @@ PY
   for table in "$work"/bench/bench.md "$work"/train_bench/*.md "$work"/embed_bench/*.md; do
     [ -f "$table" ] && cat "$table"
   done
-  for figures in "$work"/vlm_bench/*.json "$work"/cuda_graphs.jsonl; do
+  for figures in "$work"/vlm_bench/*.json; do
     [ -f "$figures" ] && cat "$figures"
   done
   printf '%s\n' "${status[@]}"

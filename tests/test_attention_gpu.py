@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from figures import report
 
 from packvit import attention
 from packvit.attention import BACKENDS, backend_report, select_backend, varlen_attention
@@ -173,14 +174,6 @@ def test_fa4_forward_and_backward_match_reference(head_dim):
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         error = relative_error(got[0][start:end], ref[0][start:end])
         assert error <= 1e-2, f"fa4 out hd {head_dim} segment {i} ({end - start} tokens): {error:.2e}"
-
-
-def report(record: dict) -> None:
-    print("FIGURES", json.dumps(record))
-    path = os.environ.get("PACKVIT_GPU_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def test_fa4_backward_probe_on_this_gpu():

@@ -3,18 +3,15 @@ packs of every budget (bf16: cosine per item; float32 through the efficient kern
 graphed call reads nothing back from the device, and a one-image call at full size is faster
 graphed than through ``model(batch)``.
 
-The latency figures are printed as ``FIGURES`` lines and, where ``$PACKVIT_GPU_REPORT`` is set,
-appended to ``cuda_graphs.jsonl`` beside it.
+The latency figures go to ``figures.report``.
 """
 
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from figures import report
 
 from packvit.benchmarks.workloads import workload_grids
 from packvit.cuda_graphs import DEFAULT_BUDGETS, GraphedEncoder, select_budget
@@ -26,14 +23,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 MAX_ITEMS = 8
 PACKS_PER_BUDGET = 3
 LATENCY_CALLS = 30
-
-
-def report(record: dict) -> None:
-    print("\nFIGURES", json.dumps(record))
-    path = os.environ.get("PACKVIT_GPU_REPORT")
-    if path:
-        with open(Path(path).with_name("cuda_graphs.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def packs_per_budget(grids, num_prefix: int) -> dict[int, list]:

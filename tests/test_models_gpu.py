@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from figures import report
 
 from packvit.benchmarks.workloads import workload_grids
 from packvit.metrics import compute_similarity_metrics
@@ -20,14 +21,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 POOLED_COSINE = {"siglip2": 0.999, "dinov3": 0.999, "aimv2": 0.999, "llava_vit": 0.9999}
 FLOAT32_ITEMS = 128  # float32 runs on the first items of the workload
-
-
-def report(record: dict) -> None:
-    print("FIGURES", json.dumps(record))
-    path = os.environ.get("PACKVIT_GPU_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def compare(reference, packed):

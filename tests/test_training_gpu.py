@@ -4,11 +4,9 @@ less activation memory), no host synchronisation in forward + backward (eager, c
 compiled), and a float32 tower training on the ``efficient`` attention backend against the float32
 reference."""
 
-import json
-import os
-
 import pytest
 import torch
+from figures import report
 import torch.nn.functional as F
 
 from packvit.attention import select_backend
@@ -103,10 +101,7 @@ def test_full_size_gradients_match_the_reference(checkpoint_root, family):
     record = {"check": "full_size_gradients", "family": family, "backend": backend, "head_dim": packed.config.head_dim,
               "items": 8, "overall_cosine": overall, "least_parameter": least, "least_cosine": cosines[least],
               "mean_parameter_cosine": sum(cosines.values()) / len(cosines)}
-    print("FIGURES", json.dumps(record))
-    if os.environ.get("PACKVIT_GPU_REPORT"):
-        with open(os.environ["PACKVIT_GPU_REPORT"], "a") as f:
-            f.write(json.dumps(record) + "\n")
+    report(record)
     assert overall >= 0.999, record
     assert cosines[least] >= 0.98, record
 

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .._optional import require
-from ..checkpoint import rename
-from ..models.siglip2 import Siglip2NaflexConfig, Siglip2NaflexPacking
+from ..checkpoint import rename_prefixes
+from ..models.siglip2 import TRANSFORMERS_NAMES, Siglip2NaflexConfig, Siglip2NaflexPacking
 from ..packing import PackedBatch, offsets_within_items, to_device
 
 __all__ = ["TOWER_CLASSES", "PackedSiglip2VisionModel", "use_packed_vision_tower", "restore_vision_tower",
@@ -52,18 +52,6 @@ __all__ = ["TOWER_CLASSES", "PackedSiglip2VisionModel", "use_packed_vision_tower
 
 #: transformers' vision towers of packvit's families (class name → family); only SigLIP2's is replaced
 TOWER_CLASSES = {"Siglip2VisionModel": "siglip2", "DINOv3ViTModel": "dinov3", "Aimv2VisionModel": "aimv2"}
-
-#: packvit's SigLIP2 names → transformers' (the inverse of ``Siglip2NaflexPacking.map_checkpoint``
-#: after the fused q/k/v projections are split)
-_TO_TRANSFORMERS_NAMES = [
-    (r"^blocks\.(\d+)\.norm(\d)\.", r"encoder.layers.\1.layer_norm\2."),
-    (r"^blocks\.(\d+)\.attn\.(q|k|v)_proj\.", r"encoder.layers.\1.self_attn.\2_proj."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.out_proj."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-    (r"^final_norm\.", "post_layernorm."),
-    (r"^head\.norm\.", "head.layernorm."),
-]
-
 
 def _transformers():
     return require("transformers", "align", "packvit's transformers integration")
@@ -81,7 +69,7 @@ def _transformers_names(state: dict[str, torch.Tensor], prefix: str, copy_parts:
                 split[f"{block}.attn.{name}_proj.{leaf}"] = part.clone() if copy_parts else part
         else:
             split[key] = value
-    return {prefix + key: value for key, value in rename(split, _TO_TRANSFORMERS_NAMES).items()}
+    return {prefix + key: value for key, value in rename_prefixes(split, TRANSFORMERS_NAMES, reverse=True).items()}
 
 
 def _assign_parameters(module: nn.Module, tensors: dict[str, torch.Tensor], requires_grad: dict[str, bool]) -> None:

@@ -22,13 +22,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import fuse_linear, rename, strip_prefix
+from ..checkpoint import fuse_linear, rename_prefixes, strip_prefix
 from ..layers import AttentionPoolingHead, EncoderBlock, Mlp
 from ..positions import TableLookup
 from .base import PackedVisionModel, PackMetadata
 from .config import VisionConfig
 
-__all__ = ["Siglip2NaflexConfig", "Siglip2NaflexEmbeddings", "Siglip2NaflexPacking"]
+__all__ = ["Siglip2NaflexConfig", "Siglip2NaflexEmbeddings", "Siglip2NaflexPacking", "TRANSFORMERS_NAMES"]
+
+#: transformers' SigLIP2 vision names → packvit's, as prefix templates (``{}`` a layer number) that
+#: ``checkpoint.rename_prefixes`` reads both ways; q, k and v are fused into ``qkv`` before renaming
+#: (their rows serve the way back, after the fused projection is split again)
+TRANSFORMERS_NAMES = (
+    ("encoder.layers.{}.layer_norm{}.", "blocks.{}.norm{}."),
+    ("encoder.layers.{}.self_attn.qkv.", "blocks.{}.attn.qkv."),
+    *((f"encoder.layers.{{}}.self_attn.{part}_proj.", f"blocks.{{}}.attn.{part}_proj.") for part in "qkv"),
+    ("encoder.layers.{}.self_attn.out_proj.", "blocks.{}.attn.proj."),
+    ("encoder.layers.{}.mlp.", "blocks.{}.mlp."),
+    ("post_layernorm.", "final_norm."),
+    ("head.layernorm.", "head.norm."),
+)
 
 
 @dataclass(frozen=True)
@@ -126,14 +139,7 @@ class Siglip2NaflexPacking(PackedVisionModel):
         for i in range(self.config.num_hidden_layers):
             attention = f"encoder.layers.{i}.self_attn"
             state = fuse_linear(state, f"{attention}.qkv", [f"{attention}.{n}_proj" for n in "qkv"], with_bias=True)
-        return rename(state, [
-            (r"^encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"blocks.\1.norm\2."),
-            (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-            (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-            (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-            (r"^post_layernorm\.", "final_norm."),
-            (r"^head\.layernorm\.", "head.norm."),
-        ])
+        return rename_prefixes(state, TRANSFORMERS_NAMES)
 
     def prepare_positions(self, meta: PackMetadata) -> None:
         side = self.config.position_grid_size
