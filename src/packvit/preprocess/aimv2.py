@@ -70,7 +70,7 @@ def _native_pixels(rgb: RGBPixels, max_num_patches: int | None, backend: str, re
                    patch_size: int = AIMV2_PATCH_SIZE) -> torch.Tensor:
     """An image at native resolution → uint8 ``[3, 14 rows, 14 cols]`` (``floor_patch_grid``)."""
     if device is not None and backend == "torch":
-        rgb = RGBPixels(chw=rgb.chw().to(device))
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
     rows, cols = floor_patch_grid(rgb.height, rgb.width, patch_size, max_num_patches)
     if (rows, cols) != (rgb.height // patch_size, rgb.width // patch_size):
         return clip_resize(rgb, (rows * patch_size, cols * patch_size), resample, backend)

@@ -113,29 +113,30 @@ def clip_resize(image: torch.Tensor | RGBPixels, size, resample="bicubic", backe
     """
     check_backend(backend)
     name = resample_name(resample)
-    rgb = image if isinstance(image, RGBPixels) else RGBPixels(chw=image)
+    rgb = image if isinstance(image, RGBPixels) else RGBPixels.from_chw(image)
     height, width = rgb.height, rgb.width
     new_size = shortest_edge_size(height, width, size) if isinstance(size, int) else _pair(size, "size")
     if backend == "pil":
         resized = rgb.pil().resize((new_size[1], new_size[0]), resample=CLIP_RESAMPLE[name])
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # [H', W', 3] → [3, H', W']
-    pixels = rgb.chw()
     if tuple(new_size) == (height, width):
-        return pixels
+        return rgb.chw()
     # torchvision resizes uint8 natively on the CPU (bicubic always, bilinear with AVX2/AVX512/arm64);
     # otherwise in float32, then clamps (bicubic) and rounds back to uint8.
-    native = pixels.device.type == "cpu" and (
+    native = rgb.hwc().device.type == "cpu" and (
         name == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         or platform.machine() in ("aarch64", "arm64")
     )
-    batch = pixels.unsqueeze(0) if native else pixels.unsqueeze(0).float()
-    # [1, 3, H, W] → [1, 3, H', W']
+    batch = rgb.batch(padded=native)  # [1, 3 or 4, H, W]
+    if not native:  # as torchvision converts: a contiguous float32 copy
+        batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    # [1, C, H, W] → [1, C, H', W'], channel by channel
     resized = F.interpolate(batch, size=list(new_size), mode=name, align_corners=False, antialias=True)
     if not native:
         if name == "bicubic":
             resized = resized.clamp_(0, 255)
         resized = resized.round_().to(torch.uint8)
-    return resized[0]
+    return resized[0, :3]
 
 
 def _crop_origin(height: int, width: int, crop_h: int, crop_w: int, backend: str) -> tuple[int, int]:
@@ -224,7 +225,7 @@ def clip_resize_center_crop(image, size=224, crop_size=224, resample="bicubic", 
     """
     rgb = image if isinstance(image, RGBPixels) else rgb_pixels(image, backend)
     if device is not None and backend == "torch":
-        rgb = RGBPixels(chw=rgb.chw().to(device))
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
     if isinstance(size, int) and crop_size is not None:
         resized = shortest_edge_size(rgb.height, rgb.width, size)
         crop = _pair(crop_size, "crop_size")

@@ -40,8 +40,10 @@ tensor is composited with rounding (``"pil"``) or in float32 with torchvision's 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
@@ -298,31 +300,67 @@ def video_list(videos, what: str = "videos") -> list[list]:
 # --- RGB conversion ---------------------------------------------------------------------------------
 
 
+def _pillow_memory(image: Image.Image) -> torch.Tensor | None:
+    """An RGB PIL image's own memory as uint8 ``[H, W, 4]`` (Pillow stores a pixel in four bytes,
+    RGB then one unused), without a copy: through Pillow's Arrow export (Pillow 11.2 and later,
+    images held in one block) where pyarrow is installed; ``None`` where it cannot."""
+    if importlib.util.find_spec("pyarrow") is None or not hasattr(image, "__arrow_c_array__"):
+        return None
+    import pyarrow
+
+    try:
+        values = pyarrow.array(image).values.to_numpy(zero_copy_only=True)  # [H * W * 4], read-only
+    except (ValueError, TypeError, pyarrow.ArrowException):  # rows in several blocks of memory
+        return None
+    with warnings.catch_warnings():  # never written to: every use of the pixels reads them
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(values).view(image.height, image.width, 4)
+
+
 class RGBPixels:
     """One image in RGB, uint8, kept in the form it came as: a PIL image (mode ``RGB``) or a
-    ``[3, H, W]`` tensor (any strides: a view of a ``[H, W, 3]`` array is channels last); the
-    other form is made on first use."""
+    ``[H, W, 3]`` tensor (any strides: a permuted ``[3, H, W]`` tensor too); the other form is
+    made on first use, from a PIL image without a copy where Pillow can lend its memory."""
 
-    __slots__ = ("_pil", "_chw", "height", "width")
+    __slots__ = ("_pil", "_hwc", "_padded", "height", "width")
 
-    def __init__(self, pil: Image.Image | None = None, chw: torch.Tensor | None = None):
-        self._pil, self._chw = pil, chw
-        self.height, self.width = (pil.height, pil.width) if pil is not None else tuple(chw.shape[1:])
+    def __init__(self, pil: Image.Image | None = None, hwc: torch.Tensor | None = None):
+        self._pil, self._hwc, self._padded = pil, hwc, None
+        self.height, self.width = (pil.height, pil.width) if pil is not None else tuple(hwc.shape[:2])
 
     @classmethod
     def from_hwc(cls, array: np.ndarray) -> "RGBPixels":
-        return cls(chw=torch.from_numpy(array).permute(2, 0, 1))  # [H, W, 3] → a [3, H, W] view
+        return cls(hwc=torch.from_numpy(array))
+
+    @classmethod
+    def from_chw(cls, tensor: torch.Tensor) -> "RGBPixels":
+        """uint8 ``[3, H, W]`` (kept as it is, as a view)."""
+        return cls(hwc=tensor.permute(1, 2, 0))
 
     def pil(self) -> Image.Image:
         if self._pil is None:
-            self._pil = Image.fromarray(np.ascontiguousarray(self._chw.cpu().permute(1, 2, 0).numpy()))
+            self._pil = Image.fromarray(np.ascontiguousarray(self._hwc.cpu().numpy()))
         return self._pil
 
+    def hwc(self) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` (read only: it may be the PIL image's own memory)."""
+        if self._hwc is None:
+            self._padded = _pillow_memory(self._pil)  # [H, W, 4] or None
+            self._hwc = torch.from_numpy(np.array(self._pil)) if self._padded is None else self._padded[..., :3]
+        return self._hwc
+
     def chw(self) -> torch.Tensor:
-        """uint8 ``[3, H, W]``, channels last in memory where it came from PIL or an array."""
-        if self._chw is None:
-            self._chw = torch.from_numpy(np.array(self._pil)).permute(2, 0, 1)  # [H, W, 3] → [3, H, W] view
-        return self._chw
+        """uint8 ``[3, H, W]``, a view: channels last in memory where it came from PIL or an array."""
+        return self.hwc().permute(2, 0, 1)
+
+    def batch(self, padded: bool = False) -> torch.Tensor:
+        """uint8 ``[1, 3, H, W]``, a view whose strides say its memory format (channels last where it
+        came from PIL or an array), as ``torch.nn.functional.interpolate`` reads it. ``padded``:
+        ``[1, 4, H, W]`` where the PIL image's four-byte pixels are at hand (channels 0-2 are RGB, the
+        fourth is to be dropped), which a channel-wise operation reads faster than three of four bytes."""
+        hwc = self.hwc()
+        source = self._padded if padded and self._padded is not None else hwc
+        return source[None].permute(0, 3, 1, 2)
 
 
 def _sixteen_bit_grey(image: Image.Image) -> np.ndarray:
@@ -378,7 +416,7 @@ def _array_to_rgb(array: np.ndarray, composite: bool, backend: str) -> RGBPixels
         return RGBPixels.from_hwc(np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8))
     rgba = torch.from_numpy(np.ascontiguousarray(array)).float().mul_(1.0 / 255)
     rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
-    return RGBPixels(chw=rgb.mul(256.0 - 1e-3).to(torch.uint8).permute(2, 0, 1))
+    return RGBPixels(hwc=rgb.mul(256.0 - 1e-3).to(torch.uint8))
 
 
 def rgb_pixels(image, backend: str = "pil", alpha: str = "reference", *, reference_converts_rgb: bool = True,

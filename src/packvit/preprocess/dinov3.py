@@ -178,15 +178,15 @@ class DINOv3Processor(Processor):
         """Images → their uint8 RGB pixels at their own size, flat, with their grids: the reference
         resizes after rescaling, in stage 2 (``packvit.preprocess.pixels``)."""
         target = functools.partial(self.target_size, native=native, max_num_patches=max_num_patches)
-        sources, grids, sizes = [], [], []
-        for image in images:
-            rgb = self.rgb(image, backend, target).chw().permute(1, 2, 0)  # [H, W, 3]
-            height, width = rgb.shape[:2]
-            rows, cols = (side // self.patch_size for side in target(height, width))
-            sources.append(rgb.reshape(-1))
-            grids.append((1, rows, cols))
-            sizes.append((height, width))
-        return self.pixel_batch(torch.cat(sources), torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
+        sources = [self.rgb(image, backend, target).hwc() for image in images]  # uint8 [H, W, 3] each
+        sizes = [tuple(source.shape[:2]) for source in sources]
+        grids = [(1, *(side // self.patch_size for side in target(*size))) for size in sizes]
+        flat = torch.empty(sum(source.numel() for source in sources), dtype=torch.uint8)
+        start = 0
+        for source in sources:  # [H, W, 3] → flat, one after another
+            flat[start : start + source.numel()].view(source.shape).copy_(source)
+            start += source.numel()
+        return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "DINOv3Processor":

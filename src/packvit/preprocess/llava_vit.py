@@ -138,7 +138,7 @@ def _native_pixels(rgb: RGBPixels, max_num_patches: int | None, backend: str, re
                    patch_size: int = LLAVA_VIT_PATCH_SIZE) -> torch.Tensor:
     """An image at native resolution → uint8 ``[3, 14 rows, 14 cols]`` (``nearest_patch_grid``)."""
     if device is not None and backend == "torch":
-        rgb = RGBPixels(chw=rgb.chw().to(device))
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
     rows, cols = nearest_patch_grid(rgb.height, rgb.width, patch_size, max_num_patches)
     target = (rows * patch_size, cols * patch_size)
     return rgb.chw() if target == (rgb.height, rgb.width) else clip_resize(rgb, target, resample, backend)

@@ -5,8 +5,8 @@ resizes, crops and patchifies in uint8 and returns a ``PixelBatch``: the patches
 ``[total_patches, patch_dim]``, a quarter of float32's bytes, with the grid, the layout and how to
 normalise them. ``Processor.normalize(pixels, device=, dtype=)`` (stage 2, anywhere: the GPU of the
 main process) rescales and normalises them to floating point: bit for bit what ``processor(images)``
-gives, because normalising a uint8 value is a lookup in a ``[3, 256]`` table computed once with the
-processor's own arithmetic (``Normalization.table``).
+gives, with one float conversion of the uint8 patches and the backend's own float32 arithmetic
+(``normalize_patches``), on whatever device the patches are.
 
 DINOv3's reference rescales to float *before* it resizes, so no uint8 stage can hold its resized
 pixels: its ``PixelBatch`` holds each image's uint8 RGB pixels at their own size (``[H, W, 3]``
@@ -19,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..packing import BatchOrigin, PackedBatch, item_token_counts, patchify, validate_grid_thw
-from .common import PROCESSOR_BACKENDS, rescale_and_normalize
+from .common import PROCESSOR_BACKENDS
 
 __all__ = ["Normalization", "PixelBatch", "normalize_patches", "rescale_resize_normalize"]
 
@@ -48,12 +49,21 @@ class Normalization:
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"normalisation rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding == "pil" and not torch.equal(_pil_rescaled(self.rescale_factor), _divided(self.rescale_factor)):
+            raise ValueError(
+                f"rescale_factor {self.rescale_factor!r} has no exact float32 form of the PIL backend's float64 "
+                f"rescale; the reproduced processors rescale by 1/255"
+            )
 
-    def table(self) -> torch.Tensor:
-        """float32 ``[3, 256]``: entry ``[c, v]`` is uint8 value ``v`` of channel ``c``, normalised
-        exactly as ``rescale_and_normalize`` normalises it (``"pil"``/``"torch"`` rounding)."""
-        values = torch.arange(256, dtype=torch.uint8).expand(3, 1, 256)  # an image [3, 1, 256]
-        return rescale_and_normalize(values, self.mean, self.std, self.rounding, self.rescale_factor)[:, 0]
+
+def _pil_rescaled(rescale_factor: float) -> torch.Tensor:
+    """float32 ``[256]``: every uint8 value rescaled as the PIL backend does (in float64, then cast)."""
+    return torch.from_numpy((np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32))
+
+
+def _divided(rescale_factor: float) -> torch.Tensor:
+    """float32 ``[256]``: every uint8 value divided by ``1 / rescale_factor`` in float32."""
+    return torch.arange(256, dtype=torch.float32) / torch.tensor(1 / rescale_factor, dtype=torch.float32)
 
 
 def _column_channels(patch_dim: int, patch_layout: str) -> torch.Tensor:
@@ -64,10 +74,20 @@ def _column_channels(patch_dim: int, patch_layout: str) -> torch.Tensor:
 
 def normalize_patches(patches: torch.Tensor, normalization: Normalization, patch_layout: str,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 patches ``[N, patch_dim]`` → normalised ``[N, patch_dim]`` in ``dtype``, on their device."""
-    table = normalization.table().to(device=patches.device, dtype=dtype).reshape(-1)  # [3 * 256]
-    offsets = (_column_channels(patches.shape[1], patch_layout) * 256).to(patches.device)  # [patch_dim]
-    return table[patches.to(torch.int64) + offsets]  # [N, patch_dim]: one lookup per value
+    """uint8 patches ``[N, patch_dim]`` → normalised ``[N, patch_dim]`` in ``dtype``, on their
+    device: value for value ``rescale_and_normalize``'s float32 arithmetic, each channel's mean
+    and std broadcast along the columns that hold it. (The PIL backend's float64 rescale equals
+    float32 division by ``1 / rescale_factor`` for every uint8 value, ``Normalization`` checks.)"""
+    norm, device = normalization, patches.device
+    channels = _column_channels(patches.shape[1], patch_layout).to(device)
+    mean, std = (torch.tensor(values, dtype=torch.float32, device=device) for values in (norm.mean, norm.std))
+    x = patches.to(torch.float32)  # [N, patch_dim]
+    if norm.rounding == "pil":
+        x.div_(torch.tensor(1 / norm.rescale_factor, dtype=torch.float32, device=device))
+        x.sub_(mean[channels]).div_(std[channels])
+    else:
+        x.sub_((mean * (1.0 / norm.rescale_factor))[channels]).div_((std * (1.0 / norm.rescale_factor))[channels])
+    return x.to(dtype)
 
 
 @dataclass
@@ -151,8 +171,8 @@ class PixelBatch:
         norm, p = self.normalization, self.patch_size
         items, start = [], 0
         for (height, width), (_, rows, cols) in zip(self.source_sizes.tolist(), self.grid_thw.tolist()):
-            # [H * W * 3] → [H, W, 3] → [1, 3, H, W] (channels last in memory)
-            image = pixels[start : start + height * width * 3].view(height, width, 3).permute(2, 0, 1)[None]
+            # [H * W * 3] → [1, H, W, 3] → [1, 3, H, W] (channels last in memory)
+            image = pixels[start : start + height * width * 3].view(1, height, width, 3).permute(0, 3, 1, 2)
             start += height * width * 3
             items.append(rescale_resize_normalize(image, (rows * p, cols * p), norm.mean, norm.std,
                                                   norm.rescale_factor)[0])
@@ -164,7 +184,7 @@ def rescale_resize_normalize(pixels: torch.Tensor, size: tuple[int, int], mean, 
     """uint8 ``[B, 3, H, W]`` → float32 ``[B, 3, size[0], size[1]]``: ``x * rescale_factor``, the
     bilinear antialiased resize (none where the size is kept), then ``(x - mean) / std``, in
     float32 on the pixels' device (DINOv3's reference order)."""
-    x = pixels.to(torch.float32) * rescale_factor
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format) * rescale_factor  # as the reference's
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)

@@ -98,20 +98,23 @@ def siglip2_resize(image: torch.Tensor | RGBPixels, size: tuple[int, int], backe
     """Bilinear resize of uint8 ``[3, H, W]`` (or ``RGBPixels``) to uint8 ``[3, size[0], size[1]]``,
     as the backend's processor does it; ``device`` (``"torch"`` only) is where it runs."""
     check_backend(backend)
-    rgb = image if isinstance(image, RGBPixels) else RGBPixels(chw=image)
+    rgb = image if isinstance(image, RGBPixels) else RGBPixels.from_chw(image)
     if backend == "pil":
         resized = rgb.pil().resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # [H', W', 3] → [3, H', W']
-    pixels = rgb.chw() if device is None else rgb.chw().to(device)
+    if device is not None:
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
     if tuple(size) == (rgb.height, rgb.width):
-        return pixels
-    native_uint8 = _native_uint8(pixels.device)
-    batch = pixels.unsqueeze(0) if native_uint8 else pixels.unsqueeze(0).float()
-    # [1, 3, H, W] → [1, 3, H', W']
+        return rgb.chw()
+    native_uint8 = _native_uint8(rgb.hwc().device)
+    batch = rgb.batch(padded=native_uint8)  # [1, 3 or 4, H, W]
+    if not native_uint8:  # as torchvision converts: a contiguous float32 copy
+        batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    # [1, C, H, W] → [1, C, H', W'], channel by channel
     resized = F.interpolate(batch, size=list(size), mode="bilinear", align_corners=False, antialias=True)
     if not native_uint8:
         resized = resized.round_().to(torch.uint8)
-    return resized[0]
+    return resized[0, :3]
 
 
 def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEAN, std=HALF_STD,
