@@ -18,6 +18,8 @@ from packvit.preprocess.aimv2 import aimv2_preprocess
 from packvit.preprocess.common import to_rgb_uint8
 from packvit.preprocess.dinov3 import dinov3_preprocess
 from packvit.preprocess.llava_vit import llava_vit_preprocess, preprocess_images
+from packvit.preprocess.dinov3 import DINOv3Processor
+from packvit.preprocess.llava_vit import LlavaViTProcessor
 from packvit.preprocess.siglip2 import Siglip2Processor, siglip2_preprocess
 from family_helpers import reference_processor
 
@@ -214,3 +216,58 @@ def test_alpha_is_a_setting_of_every_processor(tmp_path, rgba_array):
         assert torch.equal(default(path).patches, default(dropped).patches), family
         white = load_processor(tmp_path / family, alpha="white")
         assert torch.equal(white(path).patches, default(composited).patches), family
+
+
+# --- JPEG draft decoding (opt-in) -----------------------------------------------------------------
+
+
+def test_draft_scale_keeps_the_margin_and_the_target():
+    from packvit.preprocess.processor import draft_scale
+    from packvit.preprocess.siglip2 import target_size_for_max_num_patches
+
+    def siglip2(height, width):
+        return target_size_for_max_num_patches(height, width, 16, 256)
+
+    assert siglip2(1500, 2000) == (224, 288)
+    assert draft_scale(1500, 2000, siglip2, margin=2) == 2  # 750 x 1000; a quarter, 375 x 500, is under 448 x 576
+    assert draft_scale(1500, 2000, siglip2, margin=1) == 4
+    assert draft_scale(1500, 2000, lambda height, width: None, margin=1) == 1  # nothing resized: never reduced
+    assert draft_scale(300, 400, siglip2, margin=2) == 1
+    # a reduction whose size would be resized to another target is never taken
+    assert draft_scale(1000, 1000, lambda height, width: (height // 10, 100), margin=1) == 1
+
+
+def test_open_image_decodes_a_jpeg_reduced_and_upright(tmp_path):
+    array = data.astronaut()[:400, :500]  # stored 400 x 500
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown as 500 x 400
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(array).save(path, quality=90, exif=exif)
+    asked = []
+    image = open_image(path, draft=lambda height, width: asked.append((height, width)) or 4)
+    assert asked == [(500, 400)] and image.size == (100, 125)  # upright, a quarter per side
+    png = tmp_path / "photo.png"
+    Image.fromarray(array).save(png)
+    assert open_image(png, draft=lambda height, width: 4).size == (500, 400)  # only JPEGs are drafted
+    with pytest.raises(ImageReadError, match=r"a JPEG decodes at a reduction of \(1, 2, 4, 8\), not 3") as error:
+        open_image(path, draft=lambda height, width: 3)
+    assert error.value.status == "decode_error"
+
+
+def test_jpeg_draft_keeps_every_grid_and_nearly_every_value(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, (height, width) in enumerate(((1800, 1200), (1100, 1900), (900, 1600), (420, 500))):
+        top, left = rng.integers(0, 100, size=2)
+        photo = Image.fromarray(data.astronaut()[top:, left:]).resize((width, height), Image.Resampling.BICUBIC)
+        paths.append(tmp_path / f"{index}.jpg")
+        photo.save(paths[-1], quality=90)
+    for make, margin in ((lambda **s: Siglip2Processor(**s), 2), (lambda **s: DINOv3Processor(**s), 2),
+                         (lambda **s: LlavaViTProcessor(**s), 1), (lambda **s: LlavaViTProcessor(native=True, **s), 1)):
+        full, drafted = make()(paths), make(jpeg_draft=margin)(paths)
+        assert torch.equal(full.grid_thw, drafted.grid_thw)
+        difference = (full.patches - drafted.patches).abs()
+        assert 0 < difference.mean() < 0.01 and difference.max() < 0.5
+        assert torch.equal(make(jpeg_draft=margin)([path.read_bytes() for path in paths]).patches, drafted.patches)
+    last = Siglip2Processor(jpeg_draft=2)
+    assert torch.equal(last(paths[-1]).patches, Siglip2Processor()(paths[-1]).patches)  # too small to reduce

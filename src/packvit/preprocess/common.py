@@ -421,7 +421,7 @@ def _array_to_rgb(array: np.ndarray, composite: bool, backend: str) -> RGBPixels
 
 def rgb_pixels(image, backend: str = "pil", alpha: str = "reference", *, reference_converts_rgb: bool = True,
                max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               draft: Callable[[int, int], tuple[int, int]] | None = None) -> RGBPixels:
+               draft: Callable[[int, int], int] | None = None) -> RGBPixels:
     """One image (any type in ``IMAGE_TYPES``) → ``RGBPixels``, converted the way the backend's
     processor converts it, transparency as ``alpha`` says (module docstring).
 

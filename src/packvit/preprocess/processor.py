@@ -78,11 +78,12 @@ from .common import (
     video_list,
 )
 from .pixels import Normalization, PixelBatch
-from .reading import DEFAULT_MAX_PIXELS
+from .reading import DEFAULT_MAX_PIXELS, DRAFT_SCALES
 
 __all__ = [
     "PROCESSOR_CLASSES",
     "Processor",
+    "draft_scale",
     "PreprocessorSettings",
     "read_preprocessor_config",
     "processor_class",
@@ -178,8 +179,8 @@ class Processor:
     more pixels are refused, ``ImageReadError`` with status ``too_large``; ``None``: only
     Pillow's own limit) and ``jpeg_draft`` (``None``, the default: JPEG files decoded in full; a
     number ``k >= 1``: a JPEG file is decoded at the largest DCT reduction, 1/2, 1/4 or 1/8 per
-    side, that keeps at least ``k`` times its resize target per side: faster, and slightly other
-    pixels).
+    side, that keeps at least ``k`` times its resize target per side and the same grid
+    (``draft_scale``): faster, and slightly other pixels).
 
     A family subclass sets the class attributes and implements ``keeps_aspect_ratio``,
     ``fixed_size``, ``normalization``, ``target_size`` and ``resize_image`` (or ``resize_items``),
@@ -280,13 +281,8 @@ class Processor:
     def rgb(self, image, backend: str, target: Callable[[int, int], tuple[int, int] | None]) -> RGBPixels:
         """One checked image → ``RGBPixels`` under the processor's ``alpha``, ``max_pixels`` and
         ``jpeg_draft``; ``target(height, width)`` is the size it will be resized to (``None``: kept)."""
-        draft = None
-        if self.jpeg_draft is not None:
-            def draft(height: int, width: int) -> tuple[int, int]:
-                goal = target(height, width)
-                if goal is None:
-                    return height, width
-                return min(height, math.ceil(self.jpeg_draft * goal[0])), min(width, math.ceil(self.jpeg_draft * goal[1]))
+        draft = None if self.jpeg_draft is None else functools.partial(draft_scale, target=target,
+                                                                        margin=self.jpeg_draft)
         return rgb_pixels(image, backend, self.alpha, reference_converts_rgb=self.reference_converts_rgb,
                           max_pixels=self.max_pixels, draft=draft)
 
@@ -355,6 +351,20 @@ class Processor:
         """The processor of a checkpoint: its family ``config``, its ``preprocessor_config.json``
         ``fields`` (all read or refused) and ``overrides`` of the defaults."""
         raise NotImplementedError
+
+
+def draft_scale(height: int, width: int, target: Callable[[int, int], tuple[int, int] | None], margin: float) -> int:
+    """The largest JPEG reduction (``DRAFT_SCALES``) whose ``ceil(side / reduction)`` pixels keep at
+    least ``margin`` times the resize ``target`` per side and are resized to that same target (so
+    the grid and every size after it are the full image's); 1 where none does or nothing is resized."""
+    goal = target(height, width)
+    if goal is None:
+        return 1
+    for scale in sorted(DRAFT_SCALES, reverse=True)[:-1]:
+        reduced = (-(-height // scale), -(-width // scale))
+        if all(side >= margin * wanted for side, wanted in zip(reduced, goal)) and target(*reduced) == goal:
+            return scale
+    return 1
 
 
 def processor_class(family: str) -> type[Processor]:

@@ -14,8 +14,8 @@ the file:
 - ``decode_error``: a truncated or corrupt file.
 
 ``draft`` (opt-in) decodes a JPEG far larger than it will be resized to at a reduced scale (the
-decoder's DCT scaling, 1/2, 1/4 or 1/8 per side: ``PIL.Image.Image.draft``): the caller says how
-many pixels it needs, and the decoder keeps at least that many per side.
+decoder's DCT scaling, 1/2, 1/4 or 1/8 per side: ``PIL.Image.Image.draft``), which the caller
+chooses from the image's size.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["READ_STATUSES", "DEFAULT_MAX_PIXELS", "ImageReadError", "open_image"]
+__all__ = ["READ_STATUSES", "DEFAULT_MAX_PIXELS", "DRAFT_SCALES", "ImageReadError", "open_image"]
 
 #: the statuses of ``ImageReadError``
 READ_STATUSES = ("unreadable", "empty", "not_an_image", "too_large", "decode_error")
@@ -39,6 +39,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION = 0x0112
 #: EXIF orientations that swap the stored width and height
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+#: the reductions per side a JPEG decoder's DCT scaling offers
+DRAFT_SCALES = (1, 2, 4, 8)
 
 
 class ImageReadError(ValueError):
@@ -96,15 +98,15 @@ def _bomb_message(error: Image.DecompressionBombError) -> str:
 
 
 def open_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None,
-               draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+               draft: Callable[[int, int], int] | None = None) -> Image.Image:
     """A path (``str`` or ``os.PathLike``) or a file's bytes → the fully decoded PIL image, upright.
 
     ``max_pixels``: images with more pixels are ``too_large`` (``None``: only Pillow's own
     decompression-bomb limit, twice ``PIL.Image.MAX_IMAGE_PIXELS``). ``name``: how messages name
     the file (default: the path, or the byte count). ``draft``: for JPEGs, a function of the
-    upright ``(height, width)`` giving the ``(min_height, min_width)`` to decode at least; the
-    decoder then scales by the largest of 1/2, 1/4, 1/8 that keeps both (module docstring).
-    Raises ``ImageReadError`` (module docstring).
+    upright ``(height, width)`` giving the reduction to decode at, one of ``DRAFT_SCALES``; the
+    image then has ``ceil(side / reduction)`` pixels per side (module docstring). Raises
+    ``ImageReadError`` (module docstring).
     """
     if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         raise TypeError(f"open_image takes a path or a file's bytes, got {type(source).__name__}")
@@ -137,8 +139,11 @@ def open_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str
         try:
             if draft is not None and image.format == "JPEG":  # a JPEG's EXIF block precedes its pixels
                 transposed = image.getexif().get(_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS
-                min_height, min_width = draft(*((width, height) if transposed else (height, width)))
-                image.draft(image.mode, (min_height, min_width) if transposed else (min_width, min_height))
+                scale = draft(*((width, height) if transposed else (height, width)))
+                if scale not in DRAFT_SCALES:
+                    raise ValueError(f"a JPEG decodes at a reduction of {DRAFT_SCALES}, not {scale!r}")
+                if scale > 1:  # Pillow picks the largest reduction that keeps the size asked for
+                    image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
         except Image.DecompressionBombError as error:
