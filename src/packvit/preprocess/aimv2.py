@@ -31,11 +31,13 @@ from .clip import (
     CLIP_STD,
     clip_resize,
     clip_resize_center_crop,
+    clip_resize_plan,
     clip_target_size,
     resample_name,
     settings_from_clip_fields,
 )
 from .common import RGBPixels, check_native, check_patch_size, fit_grid
+from .device import ResizePlan
 from .pixels import Normalization
 from .processor import PreprocessorSettings, Processor
 
@@ -190,6 +192,19 @@ class AIMv2Processor(Processor):
         pixels = clip_resize_center_crop(rgb, self.size, self.crop_size, self.resample, backend, self.device)
         p = self.patch_size  # the patch convolution drops the pixels that fill no whole patch
         return pixels[:, : pixels.shape[1] // p * p, : pixels.shape[2] // p * p]
+
+    def resize_plan(self, height, width, native, max_num_patches, backend) -> ResizePlan:
+        p = self.patch_size
+        if native:
+            rows, cols = floor_patch_grid(height, width, p, max_num_patches)
+            size = (height, width) if (rows, cols) == (height // p, width // p) else (rows * p, cols * p)
+            return ResizePlan(size, (0, 0, rows * p, cols * p))
+        plan = clip_resize_plan(height, width, self.size, self.crop_size, backend)
+        top, left, rows, cols = plan.region  # whole patches only, as resize_image keeps them
+        return ResizePlan(plan.size, (top, left, rows // p * p, cols // p * p))
+
+    def device_resample(self) -> str:
+        return resample_name(self.resample)
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "AIMv2Processor":

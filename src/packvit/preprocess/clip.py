@@ -46,6 +46,7 @@ from .common import (
     rgb_pixels,
     to_rgb_uint8,
 )
+from .device import ResizePlan
 
 __all__ = [
     "CLIP_MEAN",
@@ -60,6 +61,7 @@ __all__ = [
     "clip_normalize",
     "clip_resize_center_crop",
     "clip_target_size",
+    "clip_resize_plan",
     "clip_preprocess",
     "CLIP_PROCESSOR_TYPES",
     "settings_from_clip_fields",
@@ -240,6 +242,16 @@ def clip_target_size(height: int, width: int, size) -> tuple[int, int] | None:
     if size is None:
         return None
     return shortest_edge_size(height, width, size) if isinstance(size, int) else _pair(size, "size")
+
+
+def clip_resize_plan(height: int, width: int, size, crop_size, backend: str = "pil") -> ResizePlan:
+    """The CLIP processor's resize and centre crop of a ``height x width`` image as a
+    ``ResizePlan`` (the device path's), the crop's origin as the backend pads it."""
+    resized = clip_target_size(height, width, size) or (height, width)
+    if crop_size is None:
+        return ResizePlan.whole(resized)
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    return ResizePlan(resized, (*_crop_origin(*resized, crop_h, crop_w, backend), crop_h, crop_w))
 
 
 def clip_preprocess(images, size=224, crop_size=224, resample="bicubic", mean=CLIP_MEAN,

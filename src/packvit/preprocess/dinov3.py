@@ -188,6 +188,15 @@ class DINOv3Processor(Processor):
             start += source.numel()
         return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
 
+    def resize_device_images(self, images, native, max_num_patches, backend) -> PixelBatch:
+        """uint8 ``[3, H, W]`` images on a device → their flat source pixels there: stage 2 rescales,
+        resizes (its reference's ``F.interpolate``, on the device) and normalises them."""
+        sizes = [tuple(image.shape[1:]) for image in images]
+        grids = [(1, *(side // self.patch_size for side in self.target_size(*size, native, max_num_patches)))
+                 for size in sizes]
+        flat = torch.cat([image.permute(1, 2, 0).reshape(-1) for image in images])  # [H, W, 3] after one another
+        return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
+
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "DINOv3Processor":
         fields.require_published(("DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast"))

@@ -31,11 +31,13 @@ from .clip import (
     CLIP_STD,
     clip_resize,
     clip_resize_center_crop,
+    clip_resize_plan,
     clip_target_size,
     resample_name,
     settings_from_clip_fields,
 )
 from .common import RGBPixels, check_max_num_patches, check_patch_size, fit_grid, image_list
+from .device import ResizePlan
 from .pixels import Normalization, PixelBatch
 from .processor import PreprocessorSettings, Processor
 
@@ -287,6 +289,21 @@ class LlavaViTProcessor(Processor):
             return _native_pixels(rgb, max_num_patches, backend, self.resample, self.device, self.patch_size)
         return clip_resize_center_crop(rgb, self.size, self.crop_size, self.resample, backend, self.device)
 
+    def resize_plan(self, height, width, native, max_num_patches, backend) -> ResizePlan:
+        if native:
+            return ResizePlan.whole(self.target_size(height, width, native, max_num_patches) or (height, width))
+        return clip_resize_plan(height, width, self.size, self.crop_size, backend)
+
+    def device_resample(self) -> str:
+        return resample_name(self.resample)
+
+    def pack_pixels(self, items: list[torch.Tensor], backend: str, slots: list | None = None) -> PixelBatch:
+        """uint8 images ``[3, H, W]`` and videos ``[T, 3, H, W]`` → their ``PixelBatch`` with
+        ``patch_positions`` (``slots[i]``: video ``i``'s timeline slots; ``None``: an image)."""
+        patches, grid_thw = patchify(items, self.patch_size, layout="cpp")  # uint8 [total, 3 * 14 * 14]
+        slots = [None] * len(items) if slots is None else slots
+        return self.pixel_batch(patches, grid_thw, backend, patch_positions=_positions(grid_thw, slots))
+
     def resize_items(self, images, videos, native, max_num_patches, backend) -> PixelBatch:
         """Images, then videos (every frame through the CLIP processor at ``frame_size``), with
         ``patch_positions``: images at t = 0, each video's frames on the 64-slot timeline."""
@@ -301,9 +318,8 @@ class LlavaViTProcessor(Processor):
                                         backend, self.device)
                 for image in frames
             ]))
-        patches, grid_thw = patchify(items, self.patch_size, layout="cpp")  # uint8 [total, 3 * 14 * 14]
         slots = [None] * len(images) + [_frame_slots(len(frames), None, None) for frames in videos]
-        return self.pixel_batch(patches, grid_thw, backend, patch_positions=_positions(grid_thw, slots))
+        return self.pack_pixels(items, backend, slots)
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "LlavaViTProcessor":

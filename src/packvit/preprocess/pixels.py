@@ -16,6 +16,7 @@ and patchifies them, the expensive float work moved with it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..packing import BatchOrigin, PackedBatch, item_token_counts, patchify, validate_grid_thw
+from ..packing import BatchOrigin, PackedBatch, item_token_counts, patchify, to_device, validate_grid_thw
 from .common import PROCESSOR_BACKENDS
 
 __all__ = ["Normalization", "PixelBatch", "normalize_patches", "rescale_resize_normalize"]
@@ -49,21 +50,19 @@ class Normalization:
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"normalisation rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding == "pil" and not torch.equal(_pil_rescaled(self.rescale_factor), _divided(self.rescale_factor)):
+        if self.rounding == "pil" and not _exact_in_float32(self.rescale_factor):
             raise ValueError(
                 f"rescale_factor {self.rescale_factor!r} has no exact float32 form of the PIL backend's float64 "
                 f"rescale; the reproduced processors rescale by 1/255"
             )
 
 
-def _pil_rescaled(rescale_factor: float) -> torch.Tensor:
-    """float32 ``[256]``: every uint8 value rescaled as the PIL backend does (in float64, then cast)."""
-    return torch.from_numpy((np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32))
-
-
-def _divided(rescale_factor: float) -> torch.Tensor:
-    """float32 ``[256]``: every uint8 value divided by ``1 / rescale_factor`` in float32."""
-    return torch.arange(256, dtype=torch.float32) / torch.tensor(1 / rescale_factor, dtype=torch.float32)
+@functools.lru_cache(maxsize=None)
+def _exact_in_float32(rescale_factor: float) -> bool:
+    """Whether every uint8 value rescaled as the PIL backend does (in float64, then cast) equals it
+    divided by ``1 / rescale_factor`` in float32."""
+    rescaled = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    return bool(np.array_equal(rescaled, np.arange(256, dtype=np.float32) / np.float32(1 / rescale_factor)))
 
 
 def _column_channels(patch_dim: int, patch_layout: str) -> torch.Tensor:
@@ -78,16 +77,20 @@ def normalize_patches(patches: torch.Tensor, normalization: Normalization, patch
     device: value for value ``rescale_and_normalize``'s float32 arithmetic, each channel's mean
     and std broadcast along the columns that hold it. (The PIL backend's float64 rescale equals
     float32 division by ``1 / rescale_factor`` for every uint8 value, ``Normalization`` checks.)"""
-    norm, device = normalization, patches.device
-    channels = _column_channels(patches.shape[1], patch_layout).to(device)
-    mean, std = (torch.tensor(values, dtype=torch.float32, device=device) for values in (norm.mean, norm.std))
+    norm = normalization
+    channels = _column_channels(patches.shape[1], patch_layout)
+    mean, std = (torch.tensor(values, dtype=torch.float32) for values in (norm.mean, norm.std))
+    if norm.rounding == "pil":  # (x / (1 / rescale_factor) - mean) / std
+        divisor, subtrahend = torch.tensor(1 / norm.rescale_factor, dtype=torch.float32).expand(len(channels)), mean
+    else:  # (x - mean / rescale_factor) / (std / rescale_factor)
+        divisor, subtrahend, std = None, mean * (1.0 / norm.rescale_factor), std * (1.0 / norm.rescale_factor)
+    # the per-column constants [3 or 2, patch_dim] travel in one non-blocking copy
+    constants = to_device(torch.stack([c for c in (divisor, subtrahend[channels], std[channels]) if c is not None]),
+                          patches.device)
     x = patches.to(torch.float32)  # [N, patch_dim]
-    if norm.rounding == "pil":
-        x.div_(torch.tensor(1 / norm.rescale_factor, dtype=torch.float32, device=device))
-        x.sub_(mean[channels]).div_(std[channels])
-    else:
-        x.sub_((mean * (1.0 / norm.rescale_factor))[channels]).div_((std * (1.0 / norm.rescale_factor))[channels])
-    return x.to(dtype)
+    if divisor is not None:
+        x.div_(constants[0])
+    return x.sub_(constants[-2]).div_(constants[-1]).to(dtype)
 
 
 @dataclass
@@ -187,6 +190,5 @@ def rescale_resize_normalize(pixels: torch.Tensor, size: tuple[int, int], mean, 
     x = pixels.to(torch.float32, memory_format=torch.contiguous_format) * rescale_factor  # as the reference's
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    mean, std = to_device(torch.tensor([mean, std], dtype=torch.float32), x.device)[..., None, None]  # [3, 1, 1] each
     return (x - mean) / std

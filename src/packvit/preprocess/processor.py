@@ -77,6 +77,7 @@ from .common import (
     rgb_pixels,
     video_list,
 )
+from .device import ResizePlan, check_device_images, resize_on_device
 from .pixels import Normalization, PixelBatch
 from .reading import DEFAULT_MAX_PIXELS, DRAFT_SCALES
 
@@ -182,9 +183,13 @@ class Processor:
     side, that keeps at least ``k`` times its resize target per side and the same grid
     (``draft_scale``): faster, and slightly other pixels).
 
+    ``processor.on_device(images, ...)`` is the device path: uint8 images already on a device
+    (GPU-decoded) resized, normalised and patchified there (``packvit.preprocess.device``).
+
     A family subclass sets the class attributes and implements ``keeps_aspect_ratio``,
     ``fixed_size``, ``normalization``, ``target_size`` and ``resize_image`` (or ``resize_items``),
-    and ``from_checkpoint`` (settings from its config and ``preprocessor_config.json``).
+    ``resize_plan`` and ``device_resample`` (or ``resize_device_images``), and ``from_checkpoint``
+    (settings from its config and ``preprocessor_config.json``).
     """
 
     family: ClassVar[str] = ""
@@ -265,8 +270,24 @@ class Processor:
         """Checked images (and videos) → the ``PixelBatch`` of their uint8 patches."""
         target = functools.partial(self.target_size, native=native, max_num_patches=max_num_patches)
         items = [self.resize_image(self.rgb(image, backend, target), native, max_num_patches, backend) for image in images]
-        patches, grid_thw = patchify(items, self.patch_size, self.patch_layout)  # uint8 [total, patch_dim]
-        return self.pixel_batch(patches, grid_thw, backend)
+        return self.pack_pixels(items, backend)
+
+    def resize_plan(self, height: int, width: int, native: bool, max_num_patches: int | None,
+                    backend: str) -> ResizePlan:
+        """What the device path does to an image of ``height x width``: the resize and crop of
+        ``resize_image`` as a ``ResizePlan``."""
+        raise NotImplementedError
+
+    def device_resample(self) -> str:
+        """The device path's filter, the family's resample: ``"bilinear"`` or ``"bicubic"``."""
+        raise NotImplementedError
+
+    def resize_device_images(self, images: list[torch.Tensor], native: bool, max_num_patches: int | None,
+                             backend: str) -> PixelBatch:
+        """uint8 ``[3, H, W]`` images on a device → their ``PixelBatch`` there (``packvit.preprocess.device``)."""
+        plans = [self.resize_plan(*image.shape[1:], native, max_num_patches, backend) for image in images]
+        resized = resize_on_device(images, plans, self.device_resample(), pillow_order=backend == "pil")
+        return self.pack_pixels(resized, backend)
 
     # --- shared by the families ---------------------------------------------------------------------
 
@@ -278,6 +299,11 @@ class Processor:
         return PixelBatch(pixels, grid_thw, self.patch_size, self.patch_layout, self.normalization(backend),
                           self.origin(backend), **fields)
 
+    def pack_pixels(self, items: list[torch.Tensor], backend: str) -> PixelBatch:
+        """uint8 images ``[3, H, W]`` (sides multiples of the patch size) → their ``PixelBatch``."""
+        patches, grid_thw = patchify(items, self.patch_size, self.patch_layout)  # uint8 [total, patch_dim]
+        return self.pixel_batch(patches, grid_thw, backend)
+
     def rgb(self, image, backend: str, target: Callable[[int, int], tuple[int, int] | None]) -> RGBPixels:
         """One checked image → ``RGBPixels`` under the processor's ``alpha``, ``max_pixels`` and
         ``jpeg_draft``; ``target(height, width)`` is the size it will be resized to (``None``: kept)."""
@@ -286,13 +312,18 @@ class Processor:
         return rgb_pixels(image, backend, self.alpha, reference_converts_rgb=self.reference_converts_rgb,
                           max_pixels=self.max_pixels, draft=draft)
 
-    def _arguments(self, images, videos, max_num_patches, native, backend) -> tuple:
-        """The call's arguments checked: ``(images, videos, keeps_aspect, cap, backend)``."""
+    def _options(self, max_num_patches, native, backend) -> tuple[bool, int | None, str]:
+        """A call's options checked: ``(keeps_aspect, cap, backend)``."""
         backend = self.backend if backend is None else self._check_backend(backend)
         keeps_aspect = self.keeps_aspect_ratio(self.native if native is None else check_native(native))
         max_num_patches = check_max_num_patches(max_num_patches)
         if max_num_patches is not None and not keeps_aspect:
             raise ValueError(self._refuse_cap(max_num_patches, "pass native=True to keep aspect ratios under the cap"))
+        return keeps_aspect, self.max_num_patches if max_num_patches is None else max_num_patches, backend
+
+    def _arguments(self, images, videos, max_num_patches, native, backend) -> tuple:
+        """The call's arguments checked: ``(images, videos, keeps_aspect, cap, backend)``."""
+        keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)
         if videos is not None and not self.takes_videos:
             raise ValueError(
                 f"{self.family} encodes images, not videos: pass a video's frames as images, "
@@ -309,7 +340,6 @@ class Processor:
             images = None
         items = [] if images is None else image_list(images)
         clips = [] if videos is None else video_list(videos)
-        cap = self.max_num_patches if max_num_patches is None else max_num_patches
         return items, clips, keeps_aspect, cap, backend
 
     # --- the API ------------------------------------------------------------------------------------
@@ -330,6 +360,19 @@ class Processor:
                 f"normalise them with the processor that resized them"
             )
         return pixels.normalize(device, dtype)
+
+    def on_device(self, images, *, max_num_patches: int | None = None, native: bool | None = None,
+                  backend: str | None = None, dtype: torch.dtype | None = None) -> PackedBatch:
+        """The device path: uint8 images ``[C, H, W]`` (C 1 or 3; a list, or a batch ``[B, C, H, W]``)
+        already on a device, as GPU JPEG decoding returns them → the ``PackedBatch`` of this
+        processor's definition, its patches on that device in ``dtype`` (default float32).
+
+        Resize and crop as ``packvit.preprocess.device`` defines them (within a uint8 level of the
+        backend's own resize at a fraction of a percent of pixels), normalisation exactly the
+        backend's; the images are taken as they are (upright, RGB)."""
+        images = check_device_images(images)
+        keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)
+        return self.resize_device_images(images, keeps_aspect, cap, backend).normalize(dtype=dtype)
 
     def __call__(self, images=None, videos=None, *, max_num_patches: int | None = None, native: bool | None = None,
                  backend: str | None = None) -> PackedBatch:

@@ -41,6 +41,7 @@ from PIL import Image
 
 from ..packing import PackedBatch, unpatchify
 from .common import HALF_MEAN, HALF_STD, RGBPixels, check_backend, rescale_and_normalize, to_rgb_uint8
+from .device import ResizePlan
 from .pixels import Normalization
 from .processor import PreprocessorSettings, Processor
 
@@ -175,6 +176,12 @@ class Siglip2Processor(Processor):
     def resize_image(self, rgb, native, max_num_patches, backend) -> torch.Tensor:
         size = self.target_size(rgb.height, rgb.width, native, max_num_patches)
         return siglip2_resize(rgb, size, backend, self.device if backend == "torch" else None)
+
+    def resize_plan(self, height, width, native, max_num_patches, backend) -> ResizePlan:
+        return ResizePlan.whole(self.target_size(height, width, native, max_num_patches))
+
+    def device_resample(self) -> str:
+        return "bilinear"
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "Siglip2Processor":
