@@ -13,7 +13,8 @@ resize and crop; DINOv3: its pixels into the flat stage-1 buffer), patchify (uin
 runs per file (the minimum sheds other processes' interference). ``--jpeg_draft K`` times the
 processors with ``jpeg_draft=K`` as well; ``--effect`` then measures what it changes: the
 normalised values against the full decode, and the pooled-embedding cosine on a random tiny model
-of the family (transformers needed to write it).
+of the family (transformers needed to write it). ``--device_path`` measures the device path
+(``processor.on_device``, run on the CPU) on the decoded files against the processor the same way.
 """
 
 from __future__ import annotations
@@ -131,6 +132,28 @@ def effect(processor, drafted, paths: list[str], model) -> dict:
             "pooled_cosine_mean": statistics.fmean(cosines)}
 
 
+@torch.inference_mode()
+def device_agreement(processor, paths: list[str], model) -> dict:
+    """The device path (``processor.on_device``, run here on the CPU) on the decoded files against
+    the processor on the files: uint8 levels of the pixels and the pooled cosine of a random model."""
+    keeps_aspect, cap, backend = processor._options(None, None, None)
+    levels, cosines = [], []
+    for path in paths:
+        image = rgb_pixels(path, backend).chw()  # uint8 [3, H, W], as GPU decoding returns it
+        reference = processor.resize([path])
+        pixels = processor.resize_device_images([image], keeps_aspect, cap, backend)
+        assert torch.equal(pixels.grid_thw, reference.grid_thw), path
+        if pixels.source_sizes is None:
+            levels.append((pixels.pixels.int() - reference.pixels.int()).abs().flatten())
+        pooled = [model(processor.normalize(batch)).pooler_output.flatten() for batch in (reference, pixels)]
+        cosines.append(torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0).item())
+    result = {"pooled_cosine_min": min(cosines), "pooled_cosine_mean": statistics.fmean(cosines)}
+    if levels:
+        values = torch.cat(levels)
+        result.update(max_levels=values.max().item(), differing=(values > 0).float().mean().item())
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_files", type=int, default=200)
@@ -139,12 +162,15 @@ def main(argv=None) -> None:
     parser.add_argument("--families", default="siglip2,onevision,aimv2,dinov3")
     parser.add_argument("--jpeg_draft", type=float, default=None)
     parser.add_argument("--effect", action="store_true")
+    parser.add_argument("--device_path", action="store_true", help="the device path's agreement with the processor")
+    parser.add_argument("--no_timing", action="store_true", help="only --effect and --device_path")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     paths = write_files(Path(args.files_dir), args.num_files, processes=2)
     families = set(args.families.split(","))
     print(f"{len(paths)} files, fastest of {args.repeats} runs per file, ms per file on one thread")
-    print(f"{'processor':32s} " + " ".join(f"{stage:>9s}" for stage in STAGES) + f" {'sum':>7s} {'call':>7s}")
+    if not args.no_timing:
+        print(f"{'processor':32s} " + " ".join(f"{stage:>9s}" for stage in STAGES) + f" {'sum':>7s} {'call':>7s}")
     models = {}
     with tempfile.TemporaryDirectory() as root:
         for label, family, make in PROCESSORS:
@@ -152,17 +178,20 @@ def main(argv=None) -> None:
                 continue
             settings = [("", {})] + ([(f" jpeg_draft={args.jpeg_draft:g}", {"jpeg_draft": args.jpeg_draft})]
                                      if args.jpeg_draft is not None else [])
-            for suffix, options in settings:
+            for suffix, options in settings if not args.no_timing else []:
                 result = profile(make(**options), paths, args.repeats)
                 times = result["stages"]
                 print(f"{label + suffix:32s} " + " ".join(f"{times[stage]:9.2f}" for stage in STAGES)
                       + f" {sum(times.values()):7.2f} {result['call']:7.2f}")
+            if (args.effect and args.jpeg_draft is not None or args.device_path) and family not in models:
+                models[family] = _random_model(family, Path(root))
             if args.effect and args.jpeg_draft is not None:
-                if family not in models:
-                    models[family] = _random_model(family, Path(root))
                 change = effect(make(), make(jpeg_draft=args.jpeg_draft), paths, models[family])
-                print(f"{'':32s} jpeg_draft={args.jpeg_draft:g}: " + ", ".join(
-                    f"{key} {value:.6g}" for key, value in change.items()))
+                print(f"{label:32s} jpeg_draft={args.jpeg_draft:g}: " + ", ".join(
+                    f"{key} {value:.8g}" for key, value in change.items()))
+            if args.device_path:
+                agreement = device_agreement(make(), paths, models[family])
+                print(f"{label:32s} device path: " + ", ".join(f"{key} {value:.8g}" for key, value in agreement.items()))
             sys.stdout.flush()
 
 

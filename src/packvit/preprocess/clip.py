@@ -42,11 +42,11 @@ from .common import (
     RGBPixels,
     check_backend,
     image_list,
-    rescale_and_normalize,
     rgb_pixels,
     to_rgb_uint8,
 )
 from .device import ResizePlan
+from .pixels import rescale_and_normalize
 
 __all__ = [
     "CLIP_MEAN",

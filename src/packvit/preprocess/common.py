@@ -1,4 +1,4 @@
-"""Image inputs, RGB conversion, the argument checks of every processor, and normalisation.
+"""Image inputs, RGB conversion, the argument checks of every processor, and normalisation constants.
 
 **Inputs**, the same for every processor: one image or a sequence of images, where an image is
 
@@ -77,7 +77,6 @@ __all__ = [
     "rgb_pixels",
     "to_rgb_uint8",
     "fit_grid",
-    "rescale_and_normalize",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -470,21 +469,3 @@ def fit_grid(rows: float, cols: float, max_num_patches: int) -> tuple[int, int]:
         else:
             cols -= 1
     return rows, cols
-
-
-def rescale_and_normalize(image: torch.Tensor, mean, std, backend: str, rescale_factor: float = 1 / 255) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``, rounded
-    as transformers' processors round it.
-
-    ``"pil"``: rescale in float64, cast to float32, then normalise in float32. ``"torch"``:
-    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
-    """
-    check_backend(backend)
-    if backend == "pil":
-        rescaled = (image.cpu().numpy().astype(np.float64) * rescale_factor).astype(np.float32)
-        mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-        normalized = (rescaled - mean32[:, None, None]) / std32[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray(normalized))
-    mean_scaled = torch.tensor(mean, device=image.device) * (1.0 / rescale_factor)
-    std_scaled = torch.tensor(std, device=image.device) * (1.0 / rescale_factor)
-    return (image.float() - mean_scaled[:, None, None]) / std_scaled[:, None, None]

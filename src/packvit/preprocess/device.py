@@ -7,10 +7,12 @@ horizontal pass first (for the PIL backend in the order Pillow picks: from Pillo
 vertical one first where the height shrinks by more than twice as many pixels as the width),
 each rounded half up and clamped to uint8, as Pillow's and torch's uint8 kernels compute it
 (torchvision's CPU path). Measured on scikit-image
-photographs, its pixels differ from either reference by one uint8 level at most at 0.002-0.4% of
-pixels (``tests/test_preprocess_device.py``), as the two references differ from each other, where a
-float ``F.interpolate`` rounded once (what torchvision runs on a GPU) differs at 11-16% of pixels
-and by up to 22 levels for bicubic. Each pass is one float64 matmul per image (exact enough for
+photographs and the ``files`` workload's JPEGs (``tests/test_preprocess_device.py``,
+``scripts/profile_preprocess.py --device_path``), its pixels differ from the backend's own resize
+by at most two uint8 levels at 0.004-0.4% of pixels, about as much as the two references differ
+from each other (pooled cosine of a random model above 0.9999999), where a float
+``F.interpolate`` rounded once (what torchvision runs on a GPU) differs at 11-16% of pixels and by
+up to 22 levels for bicubic. Each pass is one float64 matmul per image (exact enough for
 every uint8 value, and never TF32), over only the rows and columns a crop keeps, so an image of
 any aspect ratio costs what its crop does. DINOv3's reference resizes rescaled floats with
 ``F.interpolate``; its device path is that, on the device.

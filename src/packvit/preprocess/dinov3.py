@@ -178,12 +178,12 @@ class DINOv3Processor(Processor):
         """Images → their uint8 RGB pixels at their own size, flat, with their grids: the reference
         resizes after rescaling, in stage 2 (``packvit.preprocess.pixels``)."""
         target = functools.partial(self.target_size, native=native, max_num_patches=max_num_patches)
-        sources = [self.rgb(image, backend, target).hwc() for image in images]  # uint8 [H, W, 3] each
-        sizes = [tuple(source.shape[:2]) for source in sources]
+        sources = [self.rgb(image, backend, target).chw() for image in images]  # uint8 [3, H, W] each
+        sizes = [tuple(source.shape[1:]) for source in sources]
         grids = [(1, *(side // self.patch_size for side in target(*size))) for size in sizes]
         flat = torch.empty(sum(source.numel() for source in sources), dtype=torch.uint8)
         start = 0
-        for source in sources:  # [H, W, 3] → flat, one after another
+        for source in sources:  # [3, H, W] → flat, one after another
             flat[start : start + source.numel()].view(source.shape).copy_(source)
             start += source.numel()
         return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
@@ -194,7 +194,7 @@ class DINOv3Processor(Processor):
         sizes = [tuple(image.shape[1:]) for image in images]
         grids = [(1, *(side // self.patch_size for side in self.target_size(*size, native, max_num_patches)))
                  for size in sizes]
-        flat = torch.cat([image.permute(1, 2, 0).reshape(-1) for image in images])  # [H, W, 3] after one another
+        flat = torch.cat([image.reshape(-1) for image in images])  # [3, H, W] after one another
         return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
 
     @classmethod

@@ -9,7 +9,7 @@ gives, with one float conversion of the uint8 patches and the backend's own floa
 (``normalize_patches``), on whatever device the patches are.
 
 DINOv3's reference rescales to float *before* it resizes, so no uint8 stage can hold its resized
-pixels: its ``PixelBatch`` holds each image's uint8 RGB pixels at their own size (``[H, W, 3]``
+pixels: its ``PixelBatch`` holds each image's uint8 RGB pixels at their own size (``[3, H, W]``
 after one another in one buffer, with ``source_sizes``), and stage 2 rescales, resizes, normalises
 and patchifies them, the expensive float work moved with it.
 """
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import BatchOrigin, PackedBatch, item_token_counts, patchify, to_device, validate_grid_thw
-from .common import PROCESSOR_BACKENDS
+from .common import PROCESSOR_BACKENDS, check_backend
 
-__all__ = ["Normalization", "PixelBatch", "normalize_patches", "rescale_resize_normalize"]
+__all__ = ["Normalization", "PixelBatch", "normalize_patches", "rescale_and_normalize", "rescale_resize_normalize"]
 
 #: what ``Normalization.rounding`` may be: a backend's rounding, or DINOv3's resize of rescaled floats
 ROUNDINGS = PROCESSOR_BACKENDS + ("rescale_resize",)
@@ -37,7 +37,7 @@ ROUNDINGS = PROCESSOR_BACKENDS + ("rescale_resize",)
 class Normalization:
     """How uint8 pixels become a model's input: ``(x * rescale_factor - mean) / std`` per channel.
 
-    ``rounding``: ``"pil"`` or ``"torch"``, as ``rescale_and_normalize`` rounds for that backend;
+    ``rounding``: ``"pil"`` or ``"torch"``, as that backend rounds (``normalize_patches``);
     ``"rescale_resize"``: DINOv3's reference order, ``x * rescale_factor`` in float32, then a
     bilinear antialiased resize (``torch.nn.functional.interpolate``), then ``(x - mean) / std``.
     """
@@ -71,12 +71,27 @@ def _column_channels(patch_dim: int, patch_layout: str) -> torch.Tensor:
     return columns % 3 if patch_layout == "ppc" else columns // (patch_dim // 3)
 
 
+def rescale_and_normalize(image: torch.Tensor, mean, std, backend: str, rescale_factor: float = 1 / 255) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` → float32 ``[3, H, W]``, ``(x * rescale_factor - mean) / std``, rounded
+    as transformers' processors round it (``normalize_patches`` on the image's pixels).
+
+    ``"pil"``: rescale in float64, cast to float32, then normalise in float32. ``"torch"``:
+    ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32.
+    """
+    check_backend(backend)
+    pixels = image.permute(1, 2, 0).reshape(-1, 3)  # [3, H, W] → [H * W, 3]: one-pixel patches
+    normalized = normalize_patches(pixels, Normalization(tuple(mean), tuple(std), backend, rescale_factor), "ppc")
+    return normalized.view(*image.shape[1:], 3).permute(2, 0, 1).contiguous()  # [H * W, 3] → [3, H, W]
+
+
 def normalize_patches(patches: torch.Tensor, normalization: Normalization, patch_layout: str,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 patches ``[N, patch_dim]`` → normalised ``[N, patch_dim]`` in ``dtype``, on their
-    device: value for value ``rescale_and_normalize``'s float32 arithmetic, each channel's mean
-    and std broadcast along the columns that hold it. (The PIL backend's float64 rescale equals
-    float32 division by ``1 / rescale_factor`` for every uint8 value, ``Normalization`` checks.)"""
+    device: ``(x * rescale_factor - mean) / std`` in the float32 arithmetic of transformers' two
+    backends, each channel's mean and std broadcast along the columns that hold it. "pil":
+    the rescale in float64 cast to float32 (equal to float32 division by ``1 / rescale_factor``
+    for every uint8 value, ``Normalization`` checks), then ``(x - mean) / std``; "torch":
+    ``(x - mean / rescale_factor) / (std / rescale_factor)``."""
     norm = normalization
     channels = _column_channels(patches.shape[1], patch_layout)
     mean, std = (torch.tensor(values, dtype=torch.float32) for values in (norm.mean, norm.std))
@@ -98,7 +113,7 @@ class PixelBatch:
     """Stage 1's output (module docstring): a batch's uint8 pixels and how to normalise them.
 
     ``pixels``: uint8 ``[total_patches, patch_dim]`` patches in ``patch_layout``; or, where
-    ``source_sizes [num_items, 2]`` is given (DINOv3), every item's uint8 RGB ``[H, W, 3]`` pixels
+    ``source_sizes [num_items, 2]`` is given (DINOv3), every item's uint8 RGB ``[3, H, W]`` pixels
     after one another, flat, to be resized to its grid in stage 2. ``grid_thw``, ``patch_layout``
     and ``patch_positions`` are the ``PackedBatch``'s to be; ``origin`` is the processor's.
     """
@@ -122,7 +137,7 @@ class PixelBatch:
                 raise ValueError(f"pixels of shape {tuple(self.pixels.shape)} do not match the grid's {expected}")
         elif self.source_sizes.shape != (self.num_items, 2) or self.pixels.dim() != 1 or (
                 self.pixels.numel() != 3 * int(self.source_sizes.prod(dim=1).sum())):
-            raise ValueError("flat source pixels must hold [H, W, 3] for every row of source_sizes [num_items, 2]")
+            raise ValueError("flat source pixels must hold [3, H, W] for every row of source_sizes [num_items, 2]")
 
     @property
     def num_items(self) -> int:
@@ -174,8 +189,7 @@ class PixelBatch:
         norm, p = self.normalization, self.patch_size
         items, start = [], 0
         for (height, width), (_, rows, cols) in zip(self.source_sizes.tolist(), self.grid_thw.tolist()):
-            # [H * W * 3] → [1, H, W, 3] → [1, 3, H, W] (channels last in memory)
-            image = pixels[start : start + height * width * 3].view(1, height, width, 3).permute(0, 3, 1, 2)
+            image = pixels[start : start + height * width * 3].view(1, 3, height, width)  # [3 * H * W] → [1, 3, H, W]
             start += height * width * 3
             items.append(rescale_resize_normalize(image, (rows * p, cols * p), norm.mean, norm.std,
                                                   norm.rescale_factor)[0])
@@ -187,7 +201,7 @@ def rescale_resize_normalize(pixels: torch.Tensor, size: tuple[int, int], mean, 
     """uint8 ``[B, 3, H, W]`` → float32 ``[B, 3, size[0], size[1]]``: ``x * rescale_factor``, the
     bilinear antialiased resize (none where the size is kept), then ``(x - mean) / std``, in
     float32 on the pixels' device (DINOv3's reference order)."""
-    x = pixels.to(torch.float32, memory_format=torch.contiguous_format) * rescale_factor  # as the reference's
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format) * rescale_factor  # contiguous, as the reference's
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)
     mean, std = to_device(torch.tensor([mean, std], dtype=torch.float32), x.device)[..., None, None]  # [3, 1, 1] each

@@ -367,8 +367,8 @@ class Processor:
         already on a device, as GPU JPEG decoding returns them → the ``PackedBatch`` of this
         processor's definition, its patches on that device in ``dtype`` (default float32).
 
-        Resize and crop as ``packvit.preprocess.device`` defines them (within a uint8 level of the
-        backend's own resize at a fraction of a percent of pixels), normalisation exactly the
+        Resize and crop as ``packvit.preprocess.device`` defines them (within two uint8 levels of
+        the backend's own resize, at most 0.4% of pixels differing), normalisation exactly the
         backend's; the images are taken as they are (upright, RGB)."""
         images = check_device_images(images)
         keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..packing import PackedBatch, unpatchify
-from .common import HALF_MEAN, HALF_STD, RGBPixels, check_backend, rescale_and_normalize, to_rgb_uint8
+from .common import HALF_MEAN, HALF_STD, RGBPixels, check_backend, to_rgb_uint8
 from .device import ResizePlan
-from .pixels import Normalization
+from .pixels import Normalization, rescale_and_normalize
 from .processor import PreprocessorSettings, Processor
 
 __all__ = [
