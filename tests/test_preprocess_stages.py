@@ -104,6 +104,9 @@ def test_pillow_memory_is_the_image_pixels(images):
         rgb = RGBPixels(pil=image.convert("RGB") if image.mode != "RGB" else image)
         assert torch.equal(rgb.hwc(), torch.from_numpy(np.array(image.convert("RGB"))))
         assert rgb.batch(padded=True).shape[1] == 4 and rgb.hwc().stride()[1] == 4  # four bytes a pixel
+    large = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2100, 2100, 3), dtype=np.uint8))
+    rgb = RGBPixels(pil=large)  # more than one 16 MiB block of Pillow's memory: copied instead
+    assert torch.equal(rgb.hwc(), torch.from_numpy(np.array(large))) and rgb.batch(padded=True).shape[1] == 3
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
