@@ -563,3 +563,16 @@ def test_fa4_that_no_padding_makes_right_is_refused_for_gradients(monkeypatch, f
     assert select_backend(gpu, torch.bfloat16, 72, backward=True) == "fa3"  # the next backend whose backward is right
     with pytest.raises(ValueError, match=r"'fa4' cannot take gradients on cuda torch.bfloat16 head_dim 72: its backward"):
         select_backend(gpu, torch.bfloat16, 72, backend="fa4", backward=True)
+
+
+def test_automatic_gradient_calls_leave_fa4_where_its_own_backward_is_wrong(monkeypatch, fresh_caches, fresh_fa4_plan):
+    """Zero-padded FA4 was measured slower than torch's varlen FA2 for training at head_dim 72 (H200):
+    the automatic choice takes the next backend whose backward is right; a forced fa4 pads."""
+    fake_hopper(monkeypatch)
+    plans = {64: (64, "backward right at head_dim 64"), 72: (96, "wrong at 72; zero-padded to head_dim 96")}
+    monkeypatch.setattr(attention, "_fa4_backward_plan", lambda device, dtype, head_dim: plans[head_dim])
+    gpu = torch.device("cuda", 0)
+    assert select_backend(gpu, torch.bfloat16, 64, backward=True) == "fa4"
+    assert select_backend(gpu, torch.bfloat16, 72, backward=True) == "fa3"
+    assert select_backend(gpu, torch.bfloat16, 72) == "fa4"
+    assert select_backend(gpu, torch.bfloat16, 72, backend="fa4", backward=True) == "fa4"

@@ -102,13 +102,15 @@ def test_forward_makes_no_host_sync(family, compile_layers, checkpoint_root):
 
 def test_layers_compile_by_default_on_cuda_inference(checkpoint_root):
     """compile_layers=None compiles DINOv3's layers for CUDA inference, not with autograd on, and
-    never SigLIP2's (measured slower); the compiled forward equals the eager one."""
+    never SigLIP2's (measured slower); the compiled forward equals the eager one. (The automatic
+    CUDA graphs, which serve packs this small with eager blocks, are off here.)"""
     dynamo_counters = pytest.importorskip("torch._dynamo.utils").counters
     device = torch.device("cuda")
     outputs = {}
     for family in ("siglip2", "dinov3"):
         adapter = get_adapter(family)
         packed = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), device, torch.float32)
+        packed.cuda_graphs = False
         items = [x.to(device) for x in adapter.random_items([(1, 5, 7), (1, 3, 2)], packed.patch_size, torch.Generator().manual_seed(2))]
         batch = adapter.pack(items, packed)
         patches, grid_thw = batch.patches, batch.grid_thw
