@@ -64,7 +64,8 @@ class Fp8Linear(nn.Module):
     def quantize_input(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows [M, K]`` (gated ``[M, 2K]``) → ``(q [M, K] e4m3, scale [M, 1] float32)``: the
         Triton kernel on CUDA, ``quantize_rows`` elsewhere."""
-        if rows.is_cuda and compiler_runs_on_cuda():
+        # inside a compiled layer on CUDA the compiler's Triton is there; asking is for eager calls
+        if rows.is_cuda and (torch.compiler.is_compiling() or compiler_runs_on_cuda()):
             from .kernels import quantize_rows_cuda
 
             return quantize_rows_cuda(rows.contiguous(), self.in_features, self._block, ACTIVATION_CODES[self.act],
