@@ -8,11 +8,9 @@ parity records in test_models_gpu.py's form (dtype ``fp8``), the speed records w
 ``fp8-speed``. The speed target (fp8 at least 1.4x bf16's items/s) is reported, not asserted.
 """
 
-import json
-import os
-
 import pytest
 import torch
+from figures import report
 
 from packvit.benchmarks.common import group_by_budget, median_seconds
 from packvit.benchmarks.workloads import workload_grids, workload_items
@@ -31,14 +29,6 @@ SPEED_WORKLOADS = ("mixed", "mixed-4k")
 TOKEN_BUDGET = 32768
 TIMED_PASSES = 5
 CUDA = torch.device("cuda")
-
-
-def report(record: dict) -> None:
-    print("\nFIGURES", json.dumps(record))
-    path = os.environ.get("PACKVIT_GPU_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def requires_fp8():

@@ -76,14 +76,14 @@ def quantize_model(model: nn.Module) -> None:
         raise ValueError(f"the fp8 mode cannot quantise {', '.join(problems[:4])}; load this model in bf16")
     replacements = []
     with torch.no_grad():
-        for block in model.blocks:  # from the float tensors, before the cast below
+        for block in model.blocks:  # all built from the float tensors first: a refusal changes nothing
             attention = block.attn
             qkv = Fp8Linear(attention.qkv.weight, attention.qkv_bias(), FP8_DTYPE)  # absent bias parts as zeros
             proj = Fp8Linear(attention.proj.weight, attention.proj.bias, FP8_DTYPE)
             replacements.append((block, qkv, proj, _fp8_mlp(block.mlp, FP8_DTYPE)))
         for block, qkv, proj, mlp in replacements:
             block.attn.qkv, block.attn.proj, block.mlp = qkv, proj, mlp
-    for module in model.modules():  # the rest in bf16
+    for module in model.modules():  # the rest in bf16: each module's own tensors, the fp8 layers' left as they are
         if not isinstance(module, Fp8Linear):
             module._apply(lambda t: t.to(FP8_DTYPE) if t.is_floating_point() else t, recurse=False)
     model.requires_grad_(False)
