@@ -65,9 +65,10 @@ def __getattr__(name: str):
 def from_pretrained(ckpt, *, device=None, dtype=None, **config_overrides):
     """The packed model of a checkpoint directory or hub id, its family read from ``config.json``.
 
-    bf16 on CUDA and float32 on the CPU unless ``dtype`` says otherwise; ``config_overrides``
-    replace configuration fields (the weights must then fit them), and ``interpolate_pos_encoding``,
-    ``torch_dtype`` and ``device_map`` go to the model's ``from_pretrained``.
+    bf16 on CUDA and float32 on the CPU unless ``dtype`` says otherwise (``"fp8"``: the blocks'
+    projections in e4m3, see ``packvit.fp8``); ``config_overrides`` replace configuration fields
+    (the weights must then fit them), and ``interpolate_pos_encoding``, ``torch_dtype`` and
+    ``device_map`` go to the model's ``from_pretrained``.
     """
     from .checkpoint import read_config_dict, resolve_checkpoint
     from .models.registry import family_of, model_class

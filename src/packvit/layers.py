@@ -162,14 +162,20 @@ class FusedQKVSelfAttention(nn.Module):
         self.bias_parts: tuple[bool, bool, bool] = parts if any(parts) else (True, True, True)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [S, D]`` → ``[S, 3 * D]`` (rows q, k, v), the absent bias parts as zeros."""
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The fused bias ``[3 * D]`` as the projection adds it: the absent parts as zeros."""
         bias = self.qkv.bias
         if bias is None or all(self.bias_parts):
-            return self.qkv(x)
+            return bias
         parts = bias.view(3, -1).unbind(0)  # [3 * D] → three [D]
-        bias = torch.cat([part if kept else torch.zeros_like(part) for part, kept in zip(parts, self.bias_parts)])
-        return F.linear(x, self.qkv.weight, bias)
+        return torch.cat([part if kept else torch.zeros_like(part) for part, kept in zip(parts, self.bias_parts)])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [S, D]`` → ``[S, 3 * D]`` (rows q, k, v), the absent bias parts as zeros."""
+        # a quantised projection (packvit.fp8) is built with qkv_bias() and is called as it is
+        if self.qkv.bias is None or all(self.bias_parts) or not isinstance(self.qkv, nn.Linear):
+            return self.qkv(x)
+        return F.linear(x, self.qkv.weight, self.qkv_bias())
 
     def forward(self, x: torch.Tensor, context: VarlenContext, rotary: RotaryTable | None = None) -> torch.Tensor:
         total = x.shape[0]
@@ -195,6 +201,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.activation_name = act
         self.act = activation(act)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.gelu_tanh = act in ("gelu_pytorch_tanh", "gelu_tanh")
@@ -219,6 +226,7 @@ class GatedMlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.activation_name = act
         self.act = activation(act)
         self.down = nn.Linear(hidden, dim, bias=bias)
 

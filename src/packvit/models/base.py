@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import (checkpoint_sources, mismatch_in_checkpoint_names, read_config_dict, read_state_dict,
                           resolve_checkpoint, write_checkpoint)
 from ..cuda_graphs import AUTO_BUDGETS, AUTO_MAX_ITEMS, GraphedEncoder, graph_backend
+from ..fp8 import FP8, check_apply, quantize_model
 from ..layers import VarlenContext, run_layer
 from ..packing import PackedBatch, item_token_counts, prefix_token_index, to_device, validate_grid_thw, validate_patches
 from ..positions import RotaryTable, TableLookup
@@ -139,7 +140,7 @@ def default_dtype(device: torch.device, dtype=None) -> torch.dtype:
     """bf16 on CUDA, float32 elsewhere, unless asked otherwise (a ``torch.dtype`` or its name)."""
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'")
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; pass e.g. torch.bfloat16, 'float32' or 'fp8'")
         return getattr(torch, dtype)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
@@ -280,6 +281,8 @@ class PackedVisionModel(nn.Module):
         #: attention backend, first parameter's storage) → GraphedEncoder (None: cannot be captured)
         self._auto_graphs: tuple[tuple, GraphedEncoder | None] | None = None
         self.cuda_graphs = True
+        #: "fp8" where the blocks' projections compute in e4m3 (``dtype="fp8"``, packvit.fp8), else None
+        self.quantization: str | None = None
         if state is None:
             self.build(config)
         else:
@@ -289,12 +292,17 @@ class PackedVisionModel(nn.Module):
         if device is None and self.device.type == "meta":  # built under torch.device("meta"): stays there
             device = self.device
         device = default_device(device)
-        self.to(device=device, dtype=default_dtype(device, dtype))
+        if isinstance(dtype, str) and dtype == FP8:
+            self.to(device=device)  # quantised from the checkpoint's own precision
+            quantize_model(self)
+        else:
+            self.to(device=device, dtype=default_dtype(device, dtype))
         self.eval()
 
     @classmethod
     def from_pretrained(cls, ckpt, *, device=None, dtype=None, torch_dtype=None, device_map=None, **config_overrides):
-        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default.
+        """Loads a checkpoint directory or hub id; bf16 on CUDA and float32 on the CPU by default,
+        ``dtype="fp8"`` for the blocks' projections in e4m3 (``packvit.fp8``).
 
         ``torch_dtype`` and ``device_map`` are transformers' spellings of ``dtype`` and ``device``
         (the earlier packed models were transformers models): a ``device_map`` names one device
@@ -337,6 +345,11 @@ class PackedVisionModel(nn.Module):
     def save_pretrained(self, directory) -> None:
         """Writes ``config.json`` and ``model.safetensors`` that ``from_pretrained`` loads back
         (packvit's own parameter names, marked in ``config.json``)."""
+        if self.quantization is not None:
+            raise ValueError(
+                f"an {self.quantization} model is not saved: save the bf16 or float32 model it was loaded from, and "
+                f"load that with from_pretrained(..., dtype={self.quantization!r}), which quantises in seconds"
+            )
         config_dict, state = self.export_checkpoint()
         write_checkpoint(Path(directory), config_dict, state)
 
@@ -473,6 +486,8 @@ class PackedVisionModel(nn.Module):
         return graphs.run(batch, pool=pool) if graphs is not None else None
 
     def _apply(self, fn, recurse=True):
+        if self.quantization is not None:
+            check_apply(self, fn)  # an fp8 layer cannot be cast: refused before anything moves
         self._auto_graphs = None  # moved or cast: the graphs read the old tensors
         return super()._apply(fn, recurse)
 
