@@ -63,7 +63,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, num_programs,
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     ks = tl.arange(0, BLOCK_K)
-    for tile in range(tl.program_id(0), tiles_m * tiles_n, num_programs):
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, num_programs):
         # GROUP_M row tiles share their column tiles of b while they are in cache
         first_m = (tile // tiles_per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
