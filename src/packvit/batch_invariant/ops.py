@@ -11,8 +11,8 @@
 - Activations on the CPU (``gelu``, ``silu``, ``sigmoid``): torch's vectorised CPU kernels compute
   the elements at the end of a vector loop (and of each thread's share) with a scalar formula that
   rounds differently, so an element's value depends on where it sits in the tensor. Here they are
-  composed of ``exp``, ``tanh``, ``erf`` (mapped over the whole tensor by one vector function,
-  its tail included) and IEEE arithmetic, whose results are position-independent. On CUDA every
+  composed of ``exp`` and ``erfc`` (mapped over the whole tensor by one vector function, its tail
+  included) and IEEE arithmetic, whose results are position-independent. On CUDA every
   element runs the same device code: torch's activations are used as they are.
 """
 
@@ -121,7 +121,7 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / squares.sqrt().clamp_min(eps).to(x.dtype)
 
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TWO_SQRT_2_OVER_PI = 2 * math.sqrt(2.0 / math.pi)
 _SQRT_HALF = math.sqrt(0.5)
 
 
@@ -136,10 +136,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``F.gelu``: ``0.5 x (1 + erf(x / sqrt 2))``, or with ``approximate="tanh"``
-    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
+    """``F.gelu``: ``0.5 x erfc(-x / sqrt 2)`` (= ``0.5 x (1 + erf(x / sqrt 2))`` without its
+    cancellation for negative x), or with ``approximate="tanh"`` ``x sigmoid(2u)`` (= ``0.5 x
+    (1 + tanh u)``), ``u = sqrt(2 / pi) (x + 0.044715 x^3)``."""
     if approximate == "tanh":
-        return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+        return x * sigmoid(_TWO_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x)))
     if approximate != "none":
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return 0.5 * x * (1 + torch.erf(x * _SQRT_HALF))
+    return 0.5 * x * torch.erfc(x * -_SQRT_HALF)
