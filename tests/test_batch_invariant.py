@@ -90,7 +90,7 @@ def arrangements(model, items, layers, budgets) -> dict[str, list[torch.Tensor]]
     """Each item's outputs (in item order) alone, packed together, reversed, duplicated (both
     copies), between items of other sizes, and in packs of each token budget."""
     count = len(items)
-    others = random_items(model, [(1, 5, 3), (1, 12, 12), (1, 1, 9)], seed=99)
+    others = [x.to(items[0].device) for x in random_items(model, [(1, 5, 3), (1, 12, 12), (1, 1, 9)], seed=99)]
     reversed_outputs = item_outputs(model, items[::-1], layers)[::-1]
     duplicated = item_outputs(model, items + items, layers)
     interleaved = item_outputs(model, [x for pair in zip(others * 3, items) for x in pair], layers)[1::2]
