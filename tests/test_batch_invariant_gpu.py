@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from figures import report
-from test_batch_invariant import arrangements, assert_bit_identical
+from test_batch_invariant import arrangements, assert_bit_identical, grids_of
 
 from packvit.benchmarks.common import group_by_budget, median_seconds
 from packvit.benchmarks.workloads import workload_grids, workload_items
 from packvit.harness import FAMILIES, get_adapter
 from packvit.metrics import compute_similarity_metrics
+from packvit.packing import PackedBatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")]
@@ -65,6 +66,39 @@ def test_invariant_product_rows_are_the_same_bits_and_match_cublas():
             report({"check": "batch_invariant_product", "dtype": str(dtype).replace("torch.", ""), "k": k, "n": n,
                     "relative_error": error, "invariant_tflops": flops / seconds["invariant"] / 1e12,
                     "cublas_tflops": flops / seconds["cublas"] / 1e12})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_small_items_are_the_same_bits_whatever_their_pack(family, dtype, checkpoint_root):
+    """The tiny checkpoints in float32 (the efficient attention kernel, IEEE products) and bf16."""
+    adapter = get_adapter(family)
+    model = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), torch.device("cuda"), dtype)
+    items = [x.cuda() for x in adapter.random_items(grids_of(family), model.patch_size, torch.Generator().manual_seed(3))]
+    with torch.inference_mode(), model.runtime(batch_invariant=True):
+        assert model.prepare(adapter.pack(items[:1], model)).context.backend in ("aten_flash", "fa2", "efficient")
+        found = arrangements(model, items, [0, 1, -1], budgets=(40, 150))
+    assert_bit_identical(found, f"{family} {dtype}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_invariant_forward_makes_no_host_sync(family, checkpoint_root):
+    adapter = get_adapter(family)
+    model = adapter.load_packed(adapter.cached_random_checkpoint(checkpoint_root, size="tiny"), torch.device("cuda"),
+                                torch.bfloat16)
+    model.batch_invariant = True
+    items = [x.cuda().bfloat16() for x in adapter.random_items(grids_of(family), model.patch_size,
+                                                                torch.Generator().manual_seed(1))]
+    batch = adapter.pack(items, model)
+    with torch.inference_mode():
+        model(batch)  # warm-up: the Triton kernels compile
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(PackedBatch(batch.patches, batch.grid_thw.clone(), batch.patch_layout), hidden_layers=[0, -1])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.last_hidden_state.float()).all()
 
 
 def full_size_items(adapter, model, family: str, count: int) -> list[torch.Tensor]:

@@ -67,12 +67,7 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype, head_dim: 
     """
     name = requested or os.environ.get(attention.ENV_VAR) or None
     if name in (None, "auto"):
-        for candidate in INVARIANT_ATTENTION_BACKENDS:
-            try:
-                return attention.select_backend(device, dtype, head_dim, candidate)
-            except ValueError:
-                continue
-        raise AssertionError("the reference backend runs everywhere")
+        return _first_invariant_backend(torch.device(device), dtype, int(head_dim))
     if name not in INVARIANT_ATTENTION_BACKENDS:
         reason = NOT_INVARIANT_ATTENTION_BACKENDS.get(name, "packvit has no attention backend of that name")
         source = "attention_backend" if requested else attention.ENV_VAR
@@ -81,6 +76,16 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype, head_dim: 
             f"of {list(INVARIANT_ATTENTION_BACKENDS)}"
         )
     return attention.select_backend(device, dtype, head_dim, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_invariant_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    for candidate in INVARIANT_ATTENTION_BACKENDS:
+        try:
+            return attention.select_backend(device, dtype, head_dim, candidate)
+        except ValueError:
+            continue
+    raise AssertionError("the reference backend runs everywhere")
 
 
 def check_model(model) -> None:
