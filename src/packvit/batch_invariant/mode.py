@@ -165,8 +165,8 @@ def _cuda_mean(input, dim=None, keepdim=False, *, dtype=None, out=None):
 
 
 def _cpu_mean(input, dim=None, keepdim=False, *, dtype=None, out=None):
-    if input.dim() and input.shape[-1] >= ops.CPU_ROW_LIMIT:
-        ops.row_mean(input)  # raises: the row is too long to reduce per row
+    if input.dim():
+        ops.check_cpu_row(input.shape[-1])
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if out is not None:
         kwargs["out"] = out
@@ -177,7 +177,8 @@ def _silu(input, inplace=False):
     return ops.silu(input)
 
 
-def _cpu_only_uncovered(name: str, function):
+def _refused_on_cuda(name: str, function):
+    """Refused for CUDA tensors (whose reductions split by shape), ``function`` (torch's) elsewhere."""
     return _on_cuda(_uncovered(f"{name} on CUDA"), function)
 
 
@@ -196,7 +197,7 @@ _HANDLERS = {
         ("torch.einsum", torch.einsum), ("torch.tensordot", torch.tensordot), ("F.bilinear", F.bilinear),
         ("torch._scaled_mm", torch._scaled_mm),
     ]},
-    **{function: _cpu_only_uncovered(name, function) for name, function in [
+    **{function: _refused_on_cuda(name, function) for name, function in [
         ("torch.sum", torch.sum), ("Tensor.sum", torch.Tensor.sum), ("torch.softmax", torch.softmax),
         ("Tensor.softmax", torch.Tensor.softmax), ("F.softmax", F.softmax), ("F.log_softmax", F.log_softmax),
         ("torch.var", torch.var), ("torch.std", torch.std), ("torch.norm", torch.norm), ("Tensor.norm", torch.Tensor.norm),

@@ -23,14 +23,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ROW_BLOCK", "CPU_ROW_LIMIT", "require_kernels", "linear", "matmul", "row_mean", "normalize_rows", "gelu",
-           "silu", "sigmoid"]
+__all__ = ["ROW_BLOCK", "CPU_ROW_LIMIT", "require_kernels", "check_cpu_row", "linear", "matmul", "row_mean",
+           "normalize_rows", "gelu", "silu", "sigmoid"]
 
 #: rows per block of a CPU matrix product
 ROW_BLOCK = 64
 #: the longest row a CPU row reduction serves per row (ATen's parallel grain: longer rows are split
 #: between threads)
 CPU_ROW_LIMIT = 32768
+
+
+def check_cpu_row(width: int) -> None:
+    """Refuses a CPU row reduction over ``width`` values that torch would split between threads."""
+    if width >= CPU_ROW_LIMIT:
+        raise ValueError(
+            f"batch-invariant mode reduces rows of fewer than {CPU_ROW_LIMIT} values on the CPU (torch splits longer "
+            f"rows between threads), got rows of {width}"
+        )
 
 
 def require_kernels():
@@ -101,20 +110,14 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     if x.device.type == "cuda":
         mean = require_kernels().row_mean(x.reshape(-1, width)).reshape(x.shape[:-1])
         return mean.unsqueeze(-1) if keepdim else mean
-    if width >= CPU_ROW_LIMIT:
-        raise ValueError(
-            f"batch-invariant mode reduces rows of fewer than {CPU_ROW_LIMIT} values on the CPU (torch splits longer "
-            f"rows between threads), got rows of {width}"
-        )
+    check_cpu_row(width)
     return x.mean(-1, keepdim=keepdim)
 
 
 def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=-1)``: each row over its L2 norm (at least ``eps``), row-invariant."""
     if x.device.type != "cuda":
-        if x.shape[-1] >= CPU_ROW_LIMIT:
-            raise ValueError(f"batch-invariant mode normalises rows of fewer than {CPU_ROW_LIMIT} values on the CPU, "
-                             f"got rows of {x.shape[-1]}")
+        check_cpu_row(x.shape[-1])
         return F.normalize(x, dim=-1, eps=eps)
     width = x.shape[-1]
     squares = require_kernels().row_sum((x.float() * x.float()).reshape(-1, width)).reshape(*x.shape[:-1], 1)
