@@ -7,6 +7,7 @@
 #                   over them (see ../shared/tools/fa4-carry.sh; the other order leaves a cutlass
 #                   package that pip --target skips: "No module named 'cutlass.cute'")
 #   info            versions and the attention backends usable there
+#   checkpoints     the full-size random checkpoints every full-size test and benchmark reads
 #   cpu-tests       the CPU suite under that machine's torch/transformers and torchvision (8 processes)
 #   attention-tests every attention backend against the float32 reference, FA4's backward probe
 #   model-tests     full-size parity, no host sync, batching independence, packing GPU tests
@@ -58,6 +59,7 @@ for stage in "${stages[@]}"; do
         && status+=("fa4-install: done") || status+=("fa4-install: FAILED")
       export PYTHONPATH=$FA4_PATH:src ;;
     info) run info $python -m packvit info --head_dim 64 72 80 104 128 ;;
+    checkpoints) run checkpoints $python -c "import os; from pathlib import Path; from packvit.harness import FAMILIES, get_adapter; [print(get_adapter(f).cached_random_checkpoint(Path(os.environ['PACKVIT_CKPT_DIR']), size='full')) for f in FAMILIES]" ;;
     cpu-tests) run cpu-tests $python -m pytest -q -m "not gpu" -p no:cacheprovider -n 8 tests ;;
     attention-tests) run attention-tests pytest_gpu tests/test_attention_gpu.py ;;
     model-tests) run model-tests pytest_gpu tests/test_models_gpu.py tests/test_packing.py ;;
@@ -102,7 +104,7 @@ PY
 }
 echo
 summary | tee "$work/summary.txt"
-if [ -n "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ] && [ "$(realpath "$work")" != "$(realpath "$OUT")" ]; then
   cp "$work/summary.txt" "$OUT/summary.txt"
   tar -czf "$OUT/gpu_results.tar.gz" -C "$work" .
 fi

@@ -200,7 +200,8 @@ def test_floor_patch_grid_rules():
     assert floor_patch_grid(14, 5000, max_num_patches=10) == (1, 10)
     with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
         floor_patch_grid(10, 300)
-    with pytest.raises(ValueError, match="max_num_patches caps native resolution; pass native=True"):
+    with pytest.raises(ValueError, match=r"max_num_patches=10 caps processing that keeps each image's aspect ratio.*"
+                                         r"pass native=True"):
         aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=224, max_num_patches=10)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         aimv2_pixels(np.zeros((30, 30, 3), dtype=np.uint8), image_size=200)

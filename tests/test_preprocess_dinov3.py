@@ -116,7 +116,8 @@ def test_fixed_mode_packs_196_patches_per_image():
 
 def test_bad_settings_are_refused():
     image = np.zeros((16, 16, 3), np.uint8)
-    with pytest.raises(ValueError, match="max_num_patches=100 caps native resolution, but native=False resizes"):
+    with pytest.raises(ValueError, match=r"max_num_patches=100 caps processing that keeps each image's aspect ratio, "
+                                         r"but this dinov3 processor resizes every image to 224x224"):
         dinov3_preprocess([image], max_num_patches=100)
     with pytest.raises(ValueError, match="max_num_patches must be at least 1"):
         native_size(100, 100, 16, 0)

@@ -22,6 +22,7 @@ from packvit.preprocess.clip import (
     clip_resize_center_crop,
 )
 from packvit.preprocess.common import image_list, to_rgb_uint8
+from packvit.preprocess.reading import ImageReadError
 from packvit.preprocess.dinov3 import dinov3_preprocess, preprocess_fixed
 from packvit.preprocess.llava_vit import llava_vit_preprocess
 from packvit.preprocess.siglip2 import siglip2_preprocess
@@ -63,7 +64,7 @@ def test_every_image_type_gives_the_same_batch(family, chelsea, tmp_path):
     path = tmp_path / "chelsea.png"
     Image.fromarray(chelsea).save(path)
     tensor = torch.from_numpy(chelsea).permute(2, 0, 1).contiguous()
-    for single in (Image.fromarray(chelsea), chelsea, tensor, str(path), path):
+    for single in (Image.fromarray(chelsea), chelsea, tensor, str(path), path, path.read_bytes()):
         assert_same_batch(process(single), expected)
     pair = process([chelsea, Image.fromarray(chelsea)])
     assert pair.num_items == 2
@@ -100,7 +101,6 @@ def test_dinov3_takes_a_single_array_and_a_bare_pil_image(chelsea):
         (None, (TypeError, ValueError), r"images is None.*one image or a sequence of images, where an image is a PIL image"),
         (3, TypeError, r"images is int; pass one image or a sequence .* a path \(str or pathlib.Path\)"),
         ({"a": 1}, TypeError, r"images is dict"),
-        (b"\x89PNG", TypeError, r"images is bytes"),
         ([], ValueError, r"images is empty: pass at least one image"),
         ([np.zeros((20, 20, 3), np.uint8), 7], TypeError, r"images\[1\] is int, not an image"),
         ([np.zeros((2, 20, 20, 3), np.uint8)], ValueError, r"images\[0\].*a 4-D array is a batch of images"),
@@ -169,22 +169,29 @@ def test_to_rgb_uint8_of_a_rotated_path(chelsea, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILY_PROCESSORS)
-def test_unreadable_paths_name_the_file(family, tmp_path):
+def test_unreadable_files_name_the_file_and_say_why(family, tmp_path):
     process = FAMILY_PROCESSORS[family]
     missing = tmp_path / "missing.png"
-    with pytest.raises(ValueError, match=f"image file '{missing}' does not exist"):
+    with pytest.raises(ImageReadError, match=f"image file '{missing}': no such file") as error:
         process(missing)
+    assert error.value.status == "unreadable"
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
-    with pytest.raises(ValueError, match=f"'{text}' is not an image file Pillow can read"):
+    with pytest.raises(ImageReadError, match=f"image file '{text}': not an image format Pillow reads") as error:
         process([np.zeros((20, 20, 3), np.uint8), str(text)])
-    with pytest.raises(ValueError, match=f"cannot read image file '{tmp_path}'"):
+    assert error.value.status == "not_an_image"
+    with pytest.raises(ImageReadError, match=f"image file '{tmp_path}': is a directory") as error:
         process(tmp_path)
+    assert error.value.status == "unreadable"
     truncated = tmp_path / "truncated.jpg"
     Image.fromarray(data.chelsea()).save(tmp_path / "whole.jpg")
     truncated.write_bytes((tmp_path / "whole.jpg").read_bytes()[:2000])
-    with pytest.raises(ValueError, match=f"cannot read image file '{truncated}'"):
+    with pytest.raises(ImageReadError, match=f"image file '{truncated}': cannot be decoded") as error:
         process(truncated)
+    assert error.value.status == "decode_error"
+    with pytest.raises(ImageReadError, match="image file of 4 bytes: not an image format") as error:
+        process(b"\x89PNG")
+    assert error.value.status == "not_an_image" and isinstance(error.value, ValueError)
 
 
 # --- 16-bit greyscale ----------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def test_overrides_set_the_defaults(images, tmp_path):
     "name, overrides, message",
     [
         ("siglip2", {"max_tokens": 64}, r"Siglip2Processor has no setting \['max_tokens'\]; its settings are "
-                                        r"\['max_num_patches', 'native', 'backend', 'device'\]"),
+                                        r"\['max_num_patches', 'native', 'backend', 'alpha', 'max_pixels', "
+                                        r"'jpeg_draft', 'device'\]"),
         ("siglip2", {"image_size": 224}, r"has no setting \['image_size'\].*NaFlex has no fixed image size"),
         ("aimv2", {"image_size": 448}, r"AIMv2Processor has no setting \['image_size'\].*its learned position table's"),
         ("dinov3", {"backend": "pil"}, r"backend must be one of \('torch',\) for dinov3, got 'pil' "

@@ -27,7 +27,10 @@ __all__ = [
     "rope_3d_cos_sin",
     "sincos_2d",
     "RESIZE_MODES",
+    "RESIZE_SUPPORT",
+    "resize_kernel",
     "resize_weights",
+    "resize_weights_tensor",
     "resize_table",
     "TableLookup",
 ]
@@ -202,28 +205,43 @@ def sincos_2d(grid_thw: torch.Tensor, dim: int, dtype: torch.dtype, device: torc
 RESIZE_MODES = ("bilinear", "bicubic")
 
 
-def _triangle(x: np.ndarray) -> np.ndarray:
-    return np.maximum(0.0, 1.0 - np.abs(x))
+#: half-width of each mode's kernel, in source pixels at scale 1
+RESIZE_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
 
 
-def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-    x = np.abs(x)
+def resize_kernel(distance: torch.Tensor, mode: str) -> torch.Tensor:
+    """The antialiased resize's filter at ``distance`` (source pixels over the support's stretch):
+    the triangle (bilinear) or the cubic convolution kernel with a = -0.5 (bicubic)."""
+    x = distance.abs()
+    if mode == "bilinear":
+        return (1.0 - x).clamp_(min=0.0)
+    a = -0.5
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
 
 
-def resize_weights(in_size: int, out_size: int, mode: str) -> np.ndarray:
-    """Float64 ``[out_size, in_size]`` matrix of an antialiased 1-D resize (rows sum to 1)."""
+def resize_weights_tensor(in_size: int, out_size: int, mode: str, device=None,
+                          rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``resize_weights`` as a float64 tensor computed on ``device``; ``rows``: only output rows
+    ``[start, stop)`` of the ``[out_size, in_size]`` matrix."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got {in_size} → {out_size}")
+    start, stop = (0, out_size) if rows is None else rows
     scale = in_size / out_size
     support = max(scale, 1.0)
-    distance = (np.arange(in_size)[None, :] + 0.5 - (np.arange(out_size)[:, None] + 0.5) * scale) / support
-    weights = (_triangle if mode == "bilinear" else _cubic)(distance)
-    return weights / weights.sum(axis=1, keepdims=True)
+    inputs = torch.arange(in_size, dtype=torch.float64, device=device)
+    outputs = torch.arange(start, stop, dtype=torch.float64, device=device)
+    distance = (inputs[None, :] + 0.5 - (outputs[:, None] + 0.5) * scale) / support  # [rows, in_size]
+    weights = resize_kernel(distance, mode)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def resize_weights(in_size: int, out_size: int, mode: str) -> np.ndarray:
+    """Float64 ``[out_size, in_size]`` matrix of an antialiased 1-D resize (rows sum to 1)."""
+    return resize_weights_tensor(in_size, out_size, mode).numpy()
 
 
 def resize_table(table: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:

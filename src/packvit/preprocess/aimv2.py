@@ -25,9 +25,20 @@ from __future__ import annotations
 
 import torch
 
-from ..packing import PackedBatch, patchify
-from .clip import CLIP_MEAN, CLIP_STD, clip_normalize, clip_preprocess, clip_resize, settings_from_clip_fields
-from .common import check_max_num_patches, fit_grid, image_list, to_rgb_uint8
+from ..packing import PackedBatch, unpatchify
+from .clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    clip_resize,
+    clip_resize_center_crop,
+    clip_resize_plan,
+    clip_target_size,
+    resample_name,
+    settings_from_clip_fields,
+)
+from .common import RGBPixels, check_native, check_patch_size, fit_grid
+from .device import ResizePlan
+from .pixels import Normalization
 from .processor import PreprocessorSettings, Processor
 
 __all__ = ["AIMV2_PATCH_SIZE", "floor_patch_grid", "aimv2_pixels", "aimv2_preprocess", "AIMv2Processor"]
@@ -57,51 +68,42 @@ def floor_patch_grid(height: int, width: int, patch_size: int = AIMV2_PATCH_SIZE
     return fit_grid(height / patch_size, width / patch_size, max_num_patches)
 
 
-def _native_pixels(image, max_num_patches: int | None, backend: str, resample, mean, std, device,
+def _native_pixels(rgb: RGBPixels, max_num_patches: int | None, backend: str, resample, device,
                    patch_size: int = AIMV2_PATCH_SIZE) -> torch.Tensor:
-    rgb = to_rgb_uint8(image, backend)  # uint8 [3, H, W]
+    """An image at native resolution → uint8 ``[3, 14 rows, 14 cols]`` (``floor_patch_grid``)."""
     if device is not None and backend == "torch":
-        rgb = rgb.to(device)
-    height, width = rgb.shape[-2:]
-    rows, cols = floor_patch_grid(height, width, patch_size, max_num_patches)
-    if (rows, cols) != (height // patch_size, width // patch_size):
-        rgb = clip_resize(rgb, (rows * patch_size, cols * patch_size), resample, backend)
-    rgb = rgb[:, : rows * patch_size, : cols * patch_size]
-    return clip_normalize(rgb, mean, std, backend)
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
+    rows, cols = floor_patch_grid(rgb.height, rgb.width, patch_size, max_num_patches)
+    if (rows, cols) != (rgb.height // patch_size, rgb.width // patch_size):
+        return clip_resize(rgb, (rows * patch_size, cols * patch_size), resample, backend)
+    return rgb.chw()[:, : rows * patch_size, : cols * patch_size]
 
 
 def aimv2_pixels(images, image_size: int = 224, *, native: bool = False, max_num_patches: int | None = None,
-                 backend: str = "pil", resample="bicubic", device=None) -> list[torch.Tensor]:
-    """Images (one or a sequence) → normalised float32 ``[3, H, W]`` tensors with H and W multiples of 14.
+                 backend: str = "pil", resample="bicubic", device=None, **settings) -> list[torch.Tensor]:
+    """Images (one or a sequence) → normalised float32 ``[3, H, W]`` tensors with H and W multiples of 14,
+    as ``aimv2_preprocess`` computes them.
 
     ``native=False``: the fixed-size checkpoint's processor at ``image_size`` (224, 336, 448;
     shortest-edge resize and centre crop). ``native=True``: native resolution, ``max_num_patches``
     capping the patches per image (``None``: no cap, the native checkpoint's reference).
     ``backend``: ``"pil"`` (default, ``CLIPImageProcessorPil``) or ``"torch"`` (torchvision-backend
-    ``CLIPImageProcessor``; ``device`` runs it on a GPU).
+    ``CLIPImageProcessor``; ``device`` runs it on a GPU). ``settings``: those every processor has
+    (``alpha``, ``max_pixels``, ``jpeg_draft``: ``Processor``).
     """
-    check_max_num_patches(max_num_patches)
-    if native:
-        return [_native_pixels(image, max_num_patches, backend, resample, CLIP_MEAN, CLIP_STD, device)
-                for image in image_list(images)]
-    if max_num_patches is not None:
-        raise ValueError("max_num_patches caps native resolution; pass native=True to use it")
-    if not isinstance(image_size, int) or isinstance(image_size, bool):
-        raise ValueError(f"image_size must be an int, the fixed-size checkpoint's resolution, got {image_size!r}; "
-                         f"for native resolution pass native=True")
-    if image_size % AIMV2_PATCH_SIZE:
-        raise ValueError(f"image_size must be a multiple of the patch size {AIMV2_PATCH_SIZE}, got {image_size}")
-    return clip_preprocess(images, size=image_size, crop_size=image_size, resample=resample, backend=backend, device=device)
+    batch = aimv2_preprocess(images, image_size, native=native, max_num_patches=max_num_patches, backend=backend,
+                             resample=resample, device=device, **settings)
+    return [item[0] for item in unpatchify(batch.patches, batch.grid_thw, AIMV2_PATCH_SIZE, "ppc")]
 
 
 def aimv2_preprocess(images, image_size: int = 224, *, native: bool = False, max_num_patches: int | None = None,
-                     backend: str = "pil", resample="bicubic", device=None) -> PackedBatch:
+                     backend: str = "pil", resample="bicubic", device=None, **settings) -> PackedBatch:
     """Images → one ``PackedBatch``: patches ``[total, 14*14*3]`` in the (p, p, C) layout and
-    ``grid_thw``. Arguments as in ``aimv2_pixels``."""
-    pixels = aimv2_pixels(images, image_size, native=native, max_num_patches=max_num_patches, backend=backend,
-                          resample=resample, device=device)
-    patches, grid_thw = patchify(pixels, AIMV2_PATCH_SIZE, layout="ppc")
-    return PackedBatch(patches, grid_thw, "ppc")
+    ``grid_thw``: ``AIMv2Processor`` of a native (``native=True``) or a fixed-size checkpoint at
+    ``image_size``. Arguments as in ``aimv2_pixels``."""
+    processor = AIMv2Processor(image_size=image_size, is_native=check_native(native) is True, resample=resample,
+                               native=native, backend=backend, device=device, **settings)
+    return processor(images, max_num_patches=max_num_patches)
 
 
 class AIMv2Processor(Processor):
@@ -115,6 +117,7 @@ class AIMv2Processor(Processor):
     """
 
     family = "aimv2"
+    reference_converts_rgb = True
     override_names = Processor.override_names + ("device",)
     override_note = (" (the image size of a fixed-size AIMv2 checkpoint is its learned position table's; the native "
                      "checkpoint keeps each image's own)")
@@ -122,7 +125,13 @@ class AIMv2Processor(Processor):
     def __init__(self, patch_size: int = AIMV2_PATCH_SIZE, *, image_size: int = 224, is_native: bool = False,
                  size=_FROM_IMAGE_SIZE, crop_size=_FROM_IMAGE_SIZE, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                  max_num_patches: int | None = None, native: bool | None = None, backend: str | None = None,
-                 device=None):
+                 device=None, **settings):
+        patch_size = check_patch_size(patch_size)
+        if not is_native and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1
+                              or image_size % patch_size):
+            raise ValueError(f"image_size must be a positive multiple of the patch size {patch_size} (the fixed-size "
+                             f"checkpoint's resolution), got {image_size!r}; for native resolution pass native=True")
+        resample_name(resample)
         self.image_size, self.is_native = image_size, is_native
         if size is _FROM_IMAGE_SIZE:
             size = None if is_native else image_size
@@ -130,7 +139,7 @@ class AIMv2Processor(Processor):
             crop_size = None if is_native else (image_size, image_size)
         self.size, self.crop_size = size, crop_size
         self.resample, self.mean, self.std, self.device = resample, mean, std, device
-        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend, **settings)
         if not is_native and self._published_grid() != (image_size // patch_size,) * 2:
             raise ValueError(
                 f"the published processor (size {self.size}, crop {self.crop_size}) would not give the "
@@ -167,17 +176,35 @@ class AIMv2Processor(Processor):
         height, width = self.crop_size or self.size
         return f"resizes and crops every image to {height}x{width} (the published CLIP processor)"
 
-    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
+    def normalization(self, backend: str) -> Normalization:
+        return Normalization(tuple(self.mean), tuple(self.std), backend)
+
+    def target_size(self, height, width, native, max_num_patches) -> tuple[int, int] | None:
+        if not native:
+            return clip_target_size(height, width, self.size)
+        rows, cols = floor_patch_grid(height, width, self.patch_size, max_num_patches)
+        resized = (rows != height // self.patch_size) or (cols != width // self.patch_size)
+        return (rows * self.patch_size, cols * self.patch_size) if resized else None
+
+    def resize_image(self, rgb, native, max_num_patches, backend) -> torch.Tensor:
         if native:
-            pixels = [_native_pixels(image, max_num_patches, backend, self.resample, self.mean, self.std, self.device,
-                                     self.patch_size) for image in images]
-        else:
-            pixels = clip_preprocess(images, self.size, self.crop_size, self.resample, self.mean, self.std, backend,
-                                     self.device)
-            p = self.patch_size  # the patch convolution drops the pixels that fill no whole patch
-            pixels = [item[:, : item.shape[1] // p * p, : item.shape[2] // p * p] for item in pixels]
-        patches, grid_thw = patchify(pixels, self.patch_size, layout="ppc")
-        return PackedBatch(patches, grid_thw, "ppc")
+            return _native_pixels(rgb, max_num_patches, backend, self.resample, self.device, self.patch_size)
+        pixels = clip_resize_center_crop(rgb, self.size, self.crop_size, self.resample, backend, self.device)
+        p = self.patch_size  # the patch convolution drops the pixels that fill no whole patch
+        return pixels[:, : pixels.shape[1] // p * p, : pixels.shape[2] // p * p]
+
+    def resize_plan(self, height, width, native, max_num_patches, backend) -> ResizePlan:
+        p = self.patch_size
+        if native:
+            rows, cols = floor_patch_grid(height, width, p, max_num_patches)
+            size = (height, width) if (rows, cols) == (height // p, width // p) else (rows * p, cols * p)
+            return ResizePlan(size, (0, 0, rows * p, cols * p))
+        plan = clip_resize_plan(height, width, self.size, self.crop_size, backend)
+        top, left, rows, cols = plan.region  # whole patches only, as resize_image keeps them
+        return ResizePlan(plan.size, (top, left, rows // p * p, cols // p * p))
+
+    def device_resample(self) -> str:
+        return resample_name(self.resample)
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "AIMv2Processor":

@@ -36,12 +36,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .common import CLIP_MEAN, CLIP_STD, check_backend, image_list, rescale_and_normalize, to_rgb_uint8
+from .common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    RGBPixels,
+    check_backend,
+    image_list,
+    rgb_pixels,
+    to_rgb_uint8,
+)
+from .device import ResizePlan
+from .pixels import rescale_and_normalize
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIP_RESAMPLE",
+    "resample_name",
     "FULL_RESIZE_MAX_RATIO",
     "to_rgb_uint8",
     "shortest_edge_size",
@@ -49,6 +60,8 @@ __all__ = [
     "clip_center_crop",
     "clip_normalize",
     "clip_resize_center_crop",
+    "clip_target_size",
+    "clip_resize_plan",
     "clip_preprocess",
     "CLIP_PROCESSOR_TYPES",
     "settings_from_clip_fields",
@@ -65,7 +78,7 @@ CLIP_PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPIma
 FULL_RESIZE_MAX_RATIO = 64
 
 
-def _resample_name(resample) -> str:
+def resample_name(resample) -> str:
     """``"bicubic"``/``"bilinear"`` or a Pillow code (3, 2) → the filter's name."""
     for name, code in CLIP_RESAMPLE.items():
         if resample == name or resample == int(code):
@@ -94,36 +107,38 @@ def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int
     return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
 
 
-def clip_resize(image: torch.Tensor, size, resample="bicubic", backend: str = "pil") -> torch.Tensor:
-    """uint8 ``[3, H, W]`` → uint8 ``[3, H', W']``.
+def clip_resize(image: torch.Tensor | RGBPixels, size, resample="bicubic", backend: str = "pil") -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (or ``RGBPixels``) → uint8 ``[3, H', W']``.
 
     ``size``: an int resizes the shortest edge to it (aspect ratio kept); a (height, width) pair
     resizes to exactly that size.
     """
     check_backend(backend)
-    name = _resample_name(resample)
-    height, width = image.shape[-2:]
+    name = resample_name(resample)
+    rgb = image if isinstance(image, RGBPixels) else RGBPixels.from_chw(image)
+    height, width = rgb.height, rgb.width
     new_size = shortest_edge_size(height, width, size) if isinstance(size, int) else _pair(size, "size")
     if backend == "pil":
-        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-        resized = pil.resize((new_size[1], new_size[0]), resample=CLIP_RESAMPLE[name])
-        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
+        resized = rgb.pil().resize((new_size[1], new_size[0]), resample=CLIP_RESAMPLE[name])
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # [H', W', 3] → [3, H', W']
     if tuple(new_size) == (height, width):
-        return image
+        return rgb.chw()
     # torchvision resizes uint8 natively on the CPU (bicubic always, bilinear with AVX2/AVX512/arm64);
     # otherwise in float32, then clamps (bicubic) and rounds back to uint8.
-    native = image.device.type == "cpu" and (
+    native = rgb.hwc().device.type == "cpu" and (
         name == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         or platform.machine() in ("aarch64", "arm64")
     )
-    batch = image.unsqueeze(0) if native else image.unsqueeze(0).float()
-    # [1, 3, H, W] → [1, 3, H', W']
+    batch = rgb.batch(padded=native)  # [1, 3 or 4, H, W]
+    if not native:  # as torchvision converts: a contiguous float32 copy
+        batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    # [1, C, H, W] → [1, C, H', W'], channel by channel
     resized = F.interpolate(batch, size=list(new_size), mode=name, align_corners=False, antialias=True)
     if not native:
         if name == "bicubic":
             resized = resized.clamp_(0, 255)
         resized = resized.round_().to(torch.uint8)
-    return resized[0]
+    return resized[0, :3]
 
 
 def _crop_origin(height: int, width: int, crop_h: int, crop_w: int, backend: str) -> tuple[int, int]:
@@ -163,16 +178,16 @@ def _source_span(start: int, stop: int, in_size: int, out_size: int,
     """For outputs ``start .. stop`` of a resize from ``in_size`` to ``out_size`` pixels: the source
     interval that maps onto them, and the whole source pixels their filter reads (``[first, last)``)."""
     scale = in_size / out_size
-    support = (2.0 if _resample_name(resample) == "bicubic" else 1.0) * max(scale, 1.0)
+    support = (2.0 if resample_name(resample) == "bicubic" else 1.0) * max(scale, 1.0)
     low, high = start * scale, stop * scale
     return (low, high), (max(0, math.floor(low - support) - 1), min(in_size, math.ceil(high + support) + 1))
 
 
-def _resize_crop_region(image: torch.Tensor, resized: tuple[int, int], crop: tuple[int, int], resample,
+def _resize_crop_region(rgb: RGBPixels, resized: tuple[int, int], crop: tuple[int, int], resample,
                         backend: str) -> torch.Tensor:
     """uint8 ``[3, H, W]`` → uint8 ``[3, crop_h, crop_w]``: the centre crop of the image resized to
     ``resized``, computed by resizing only the part the crop keeps (``"pil"``)."""
-    height, width = image.shape[-2:]
+    height, width = rgb.height, rgb.width
     (new_h, new_w), (crop_h, crop_w) = resized, crop
     if backend == "torch":
         raise ValueError(
@@ -186,10 +201,10 @@ def _resize_crop_region(image: torch.Tensor, resized: tuple[int, int], crop: tup
     c0, c1 = max(0, left), min(new_w, left + crop_w)
     # The full resize runs a horizontal pass, then a vertical one (uint8 in between). Here each pass
     # computes only the outputs the crop keeps, from the source rows and columns their filter reaches.
-    code = CLIP_RESAMPLE[_resample_name(resample)]
+    code = CLIP_RESAMPLE[resample_name(resample)]
     (y0, y1), (ys, ye) = _source_span(r0, r1, height, new_h, resample)
     (x0, x1), (xs, xe) = _source_span(c0, c1, width, new_w, resample)
-    source = Image.fromarray(image[:, ys:ye, xs:xe].permute(1, 2, 0).cpu().numpy())
+    source = rgb.pil().crop((xs, ys, xe, ye))
     columns = source.resize((c1 - c0, ye - ys), code, box=(x0 - xs, 0, x1 - xs, ye - ys))
     region = columns.resize((c1 - c0, r1 - r0), code, box=(0, y0 - ys, c1 - c0, y1 - ys))
     region = torch.from_numpy(np.array(region)).permute(2, 0, 1)  # [3, r1 - r0, c1 - c0]
@@ -204,24 +219,39 @@ def clip_normalize(image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, backend: s
 
 def clip_resize_center_crop(image, size=224, crop_size=224, resample="bicubic", backend: str = "pil",
                             device=None) -> torch.Tensor:
-    """One image → uint8 ``[3, crop_h, crop_w]``: RGB conversion, shortest-edge resize, centre crop.
+    """One image (any image type, or ``RGBPixels``) → uint8 ``[3, crop_h, crop_w]``: RGB
+    conversion, shortest-edge resize, centre crop.
 
     ``size`` and ``crop_size`` as in ``clip_preprocess``; ``device`` (``"torch"`` backend only)
     is where the resize runs. Extreme aspect ratios: see the module docstring.
     """
-    rgb = to_rgb_uint8(image, backend)
+    rgb = image if isinstance(image, RGBPixels) else rgb_pixels(image, backend)
     if device is not None and backend == "torch":
-        rgb = rgb.to(device)
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
     if isinstance(size, int) and crop_size is not None:
-        resized = shortest_edge_size(rgb.shape[-2], rgb.shape[-1], size)
+        resized = shortest_edge_size(rgb.height, rgb.width, size)
         crop = _pair(crop_size, "crop_size")
         if resized[0] * resized[1] > FULL_RESIZE_MAX_RATIO * crop[0] * crop[1]:
             return _resize_crop_region(rgb, resized, crop, resample, backend)
-    if size is not None:
-        rgb = clip_resize(rgb, size, resample, backend)
-    if crop_size is not None:
-        rgb = clip_center_crop(rgb, crop_size, backend)
-    return rgb
+    pixels = rgb.chw() if size is None else clip_resize(rgb, size, resample, backend)
+    return pixels if crop_size is None else clip_center_crop(pixels, crop_size, backend)
+
+
+def clip_target_size(height: int, width: int, size) -> tuple[int, int] | None:
+    """The (height, width) the CLIP processor resizes an image to before its crop (``None``: no resize)."""
+    if size is None:
+        return None
+    return shortest_edge_size(height, width, size) if isinstance(size, int) else _pair(size, "size")
+
+
+def clip_resize_plan(height: int, width: int, size, crop_size, backend: str = "pil") -> ResizePlan:
+    """The CLIP processor's resize and centre crop of a ``height x width`` image as a
+    ``ResizePlan`` (the device path's), the crop's origin as the backend pads it."""
+    resized = clip_target_size(height, width, size) or (height, width)
+    if crop_size is None:
+        return ResizePlan.whole(resized)
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    return ResizePlan(resized, (*_crop_origin(*resized, crop_h, crop_w, backend), crop_h, crop_w))
 
 
 def clip_preprocess(images, size=224, crop_size=224, resample="bicubic", mean=CLIP_MEAN,
@@ -234,7 +264,7 @@ def clip_preprocess(images, size=224, crop_size=224, resample="bicubic", mean=CL
     ``None`` for no crop. ``resample``: ``"bicubic"`` (CLIP's) or ``"bilinear"``.
     """
     check_backend(backend)
-    _resample_name(resample)
+    resample_name(resample)
     return [
         clip_normalize(clip_resize_center_crop(image, size, crop_size, resample, backend, device), mean, std, backend)
         for image in image_list(images)
@@ -278,7 +308,7 @@ def settings_from_clip_fields(fields, size, crop_size) -> dict:
     if not fields.take("do_center_crop", crop_size is not None):
         crop_size = None
     resample = fields.take("resample", 3)
-    _resample_name(resample)
+    resample_name(resample)
     mean, std = fields.take("image_mean", CLIP_MEAN), fields.take("image_std", CLIP_STD)
     mean, std = ((value,) * 3 if isinstance(value, (int, float)) else tuple(value) for value in (mean, std))
     return dict(size=size, crop_size=crop_size, resample=resample, mean=mean, std=std)

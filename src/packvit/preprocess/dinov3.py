@@ -19,13 +19,15 @@ EXIF orientation). ``DINOv3Processor`` is the family's processor for ``load_proc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..packing import PackedBatch, patchify
-from .common import IMAGENET_MEAN, IMAGENET_STD, check_max_num_patches, image_list, to_rgb_uint8
+from ..packing import PackedBatch, unpatchify
+from .common import IMAGENET_MEAN, IMAGENET_STD, check_patch_size, to_rgb_uint8
+from . import pixels as pixel_stage
+from .pixels import Normalization, PixelBatch
 from .processor import PreprocessorSettings, Processor
 
 __all__ = [
@@ -55,17 +57,14 @@ def image_to_uint8(image) -> torch.Tensor:
 
 def rescale_resize_normalize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` → float32 ``[B, 3, size[0], size[1]]``, normalised (the reference's order)."""
-    x = pixels.to(torch.float32) * (1 / 255)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
-    return (x - mean) / std
+    return pixel_stage.rescale_resize_normalize(pixels, size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess_fixed(images, size: tuple[int, int] = DINOV3_IMAGE_SIZE) -> torch.Tensor:
-    """The reference ``DINOv3ViTImageProcessor``: images (one or a sequence) → ``pixel_values [B, 3, *size]``."""
-    return torch.cat([rescale_resize_normalize(image_to_uint8(image)[None], size) for image in image_list(images)])
+def preprocess_fixed(images, size: tuple[int, int] = DINOV3_IMAGE_SIZE, **settings) -> torch.Tensor:
+    """The reference ``DINOv3ViTImageProcessor``: images (one or a sequence) → ``pixel_values [B, 3, *size]``
+    (``settings`` as in ``dinov3_preprocess``)."""
+    batch = DINOv3Processor(image_size=size, **settings)(images)
+    return torch.cat(unpatchify(batch.patches, batch.grid_thw, DINOV3_PATCH_SIZE, "ppc"))
 
 
 def native_size(height: int, width: int, patch_size: int = DINOV3_PATCH_SIZE,
@@ -103,36 +102,27 @@ def native_size(height: int, width: int, patch_size: int = DINOV3_PATCH_SIZE,
 
 
 def preprocess_native(images, patch_size: int = DINOV3_PATCH_SIZE,
-                      max_num_patches: int = DINOV3_MAX_NUM_PATCHES) -> list[torch.Tensor]:
+                      max_num_patches: int = DINOV3_MAX_NUM_PATCHES, **settings) -> list[torch.Tensor]:
     """Images (one or a sequence) → normalised items ``[3, H', W']`` at ``native_size`` (sides
-    multiples of ``patch_size``)."""
-    items = []
-    for image in image_list(images):
-        pixels = image_to_uint8(image)
-        size = native_size(pixels.shape[1], pixels.shape[2], patch_size, max_num_patches)
-        items.append(rescale_resize_normalize(pixels[None], size)[0])
-    return items
+    multiples of ``patch_size``; ``settings`` as in ``dinov3_preprocess``)."""
+    batch = dinov3_preprocess(images, native=True, max_num_patches=max_num_patches, patch_size=patch_size,
+                              **settings)
+    return [item[0] for item in unpatchify(batch.patches, batch.grid_thw, patch_size, "ppc")]
 
 
 def dinov3_preprocess(images, *, native: bool = False, max_num_patches: int | None = None,
-                      patch_size: int = DINOV3_PATCH_SIZE, size: tuple[int, int] = DINOV3_IMAGE_SIZE) -> PackedBatch:
-    """Images → one ``PackedBatch`` of (p, p, C) patches for the DINOv3 model.
+                      patch_size: int = DINOV3_PATCH_SIZE, size: tuple[int, int] = DINOV3_IMAGE_SIZE,
+                      **settings) -> PackedBatch:
+    """Images → one ``PackedBatch`` of (p, p, C) patches for the DINOv3 model: ``DINOv3Processor``
+    with these settings (``settings``: those every processor has, ``alpha``, ``max_pixels``,
+    ``jpeg_draft``: ``Processor``).
 
     ``native=False`` (the published processor) resizes every image to ``size`` (224×224);
     ``native=True`` keeps each image's aspect ratio with at most ``max_num_patches`` patches
     (default 1024), which fixed-size processing refuses.
     """
-    if check_max_num_patches(max_num_patches) is not None and not native:
-        raise ValueError(
-            f"max_num_patches={max_num_patches} caps native resolution, but native=False resizes every image to "
-            f"{size[0]}x{size[1]}; pass native=True with it"
-        )
-    if native:
-        items = preprocess_native(images, patch_size, DINOV3_MAX_NUM_PATCHES if max_num_patches is None else max_num_patches)
-    else:
-        items = list(preprocess_fixed(images, size))
-    patches, grid_thw = patchify(items, patch_size, layout="ppc")
-    return PackedBatch(patches, grid_thw, "ppc")
+    return DINOv3Processor(patch_size, image_size=size, native=native, **settings)(images,
+                                                                                 max_num_patches=max_num_patches)
 
 
 def _image_size(value, source: str) -> tuple[int, int]:
@@ -160,11 +150,13 @@ class DINOv3Processor(Processor):
     override_names = Processor.override_names + ("image_size",)
 
     def __init__(self, patch_size: int = DINOV3_PATCH_SIZE, *, image_size=DINOV3_IMAGE_SIZE,
-                 max_num_patches: int | None = None, native: bool | None = None, backend: str | None = None):
+                 max_num_patches: int | None = None, native: bool | None = None, backend: str | None = None,
+                 **settings):
+        patch_size = check_patch_size(patch_size)
         self.image_size = _image_size(image_size, "image_size")
         if self.image_size[0] % patch_size or self.image_size[1] % patch_size or min(self.image_size) < patch_size:
             raise ValueError(f"image_size {self.image_size} must be positive multiples of the patch size {patch_size}")
-        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend, **settings)
 
     def keeps_aspect_ratio(self, native: bool | None) -> bool:
         return bool(native)
@@ -174,9 +166,36 @@ class DINOv3Processor(Processor):
         patches = (height // self.patch_size) * (width // self.patch_size)
         return f"resizes every image to {height}x{width} ({patches} patches)"
 
-    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
-        return dinov3_preprocess(images, native=native, max_num_patches=max_num_patches if native else None,
-                                 patch_size=self.patch_size, size=self.image_size)
+    def normalization(self, backend: str) -> Normalization:
+        return Normalization(IMAGENET_MEAN, IMAGENET_STD, "rescale_resize")
+
+    def target_size(self, height, width, native, max_num_patches) -> tuple[int, int]:
+        if native:
+            return native_size(height, width, self.patch_size, max_num_patches)
+        return self.image_size
+
+    def resize_items(self, images, videos, native, max_num_patches, backend) -> PixelBatch:
+        """Images → their uint8 RGB pixels at their own size, flat, with their grids: the reference
+        resizes after rescaling, in stage 2 (``packvit.preprocess.pixels``)."""
+        target = functools.partial(self.target_size, native=native, max_num_patches=max_num_patches)
+        sources = [self.rgb(image, backend, target).chw() for image in images]  # uint8 [3, H, W] each
+        sizes = [tuple(source.shape[1:]) for source in sources]
+        grids = [(1, *(side // self.patch_size for side in target(*size))) for size in sizes]
+        flat = torch.empty(sum(source.numel() for source in sources), dtype=torch.uint8)
+        start = 0
+        for source in sources:  # [3, H, W] → flat, one after another
+            flat[start : start + source.numel()].view(source.shape).copy_(source)
+            start += source.numel()
+        return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
+
+    def resize_device_images(self, images, native, max_num_patches, backend) -> PixelBatch:
+        """uint8 ``[3, H, W]`` images on a device → their flat source pixels there: stage 2 rescales,
+        resizes (its reference's ``F.interpolate``, on the device) and normalises them."""
+        sizes = [tuple(image.shape[1:]) for image in images]
+        grids = [(1, *(side // self.patch_size for side in self.target_size(*size, native, max_num_patches)))
+                 for size in sizes]
+        flat = torch.cat([image.reshape(-1) for image in images])  # [3, H, W] after one another
+        return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "DINOv3Processor":

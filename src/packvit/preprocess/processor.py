@@ -5,10 +5,13 @@
 settings: the fields of its ``preprocessor_config.json`` where it has one, else the family's
 published defaults (a model object carries no ``preprocessor_config.json``: load the processor from
 the checkpoint directory to honour one). ``overrides`` replace the processor's defaults
-(``max_num_patches``, ``native``, ``backend``; ``image_size`` for DINOv3 and OneVision). Every
-processor is called the same way::
+(``max_num_patches``, ``native``, ``backend``, ``alpha``, ``max_pixels``, ``jpeg_draft``;
+``image_size`` for DINOv3 and OneVision; ``Processor`` says what each does). Every processor is
+called the same way, in one call or in two stages that may run in two places::
 
     processor(images=None, videos=None, *, max_num_patches=None, native=None, backend=None) -> PackedBatch
+    processor.resize(images=None, videos=None, *, ...) -> PixelBatch        # uint8, e.g. in a CPU worker
+    processor.normalize(pixels, *, device=None, dtype=None) -> PackedBatch  # e.g. on the GPU
 
 - ``images``: one image or a sequence of images, of the types ``packvit.preprocess.common``
   lists. ``videos``: a sequence of videos, each a sequence of frames or a uint8 array
@@ -48,20 +51,40 @@ passed over because every packvit processor converts to RGB (identical for RGB i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
+
+import torch
 
 from ..checkpoint import read_config_dict, read_json_object, resolve_checkpoint
 from ..models.registry import family_config, normalize_family
-from ..packing import PackedBatch
-from .common import IMAGE_TYPES, PROCESSOR_BACKENDS, check_max_num_patches, image_list, video_list
+from ..packing import BatchOrigin, PackedBatch, patchify
+from .common import (
+    IMAGE_TYPES,
+    PROCESSOR_BACKENDS,
+    RGBPixels,
+    check_alpha,
+    check_jpeg_draft,
+    check_max_num_patches,
+    check_max_pixels,
+    check_native,
+    check_patch_size,
+    image_list,
+    rgb_pixels,
+    video_list,
+)
+from .device import ResizePlan, check_device_images, resize_on_device
+from .pixels import Normalization, PixelBatch
+from .reading import DEFAULT_MAX_PIXELS, DRAFT_SCALES
 
 __all__ = [
     "PROCESSOR_CLASSES",
     "Processor",
+    "draft_scale",
     "PreprocessorSettings",
     "read_preprocessor_config",
     "processor_class",
@@ -142,21 +165,31 @@ def read_preprocessor_config(directory) -> dict | None:
     return read_json_object(path, "processor settings") if path.is_file() else None
 
 
-def _check_native(native) -> bool | None:
-    if native is not None and not isinstance(native, bool):
-        raise ValueError(f"native must be True, False or None, got {native!r}")
-    return native
-
-
 class Processor:
     """A model family's image processor with one checkpoint's settings.
 
     ``processor(images=None, videos=None, *, max_num_patches=None, native=None, backend=None)`` →
-    ``PackedBatch`` (module docstring). Built by ``load_processor``; a family's class may also be
-    built directly, ``Siglip2Processor()``, with the published defaults.
+    ``PackedBatch`` (module docstring), in two stages that may run in two places:
+    ``processor.resize(...)`` (same arguments) → ``PixelBatch`` (uint8), and
+    ``processor.normalize(pixels, device=None, dtype=None)`` → ``PackedBatch``; ``processor(x)``
+    is ``processor.normalize(processor.resize(x))``, bit for bit. Built by ``load_processor``; a
+    family's class may also be built directly, ``Siglip2Processor()``, with the published defaults.
 
-    A family subclass sets the class attributes, ``keeps_aspect_ratio``, ``fixed_size`` and
-    ``process``, and ``from_checkpoint`` (settings from its config and ``preprocessor_config.json``).
+    Settings every family has, besides ``max_num_patches``, ``native`` and ``backend``: ``alpha``
+    (what transparency becomes, ``packvit.preprocess.common``), ``max_pixels`` (image files with
+    more pixels are refused, ``ImageReadError`` with status ``too_large``; ``None``: only
+    Pillow's own limit) and ``jpeg_draft`` (``None``, the default: JPEG files decoded in full; a
+    number ``k >= 1``: a JPEG file is decoded at the largest DCT reduction, 1/2, 1/4 or 1/8 per
+    side, that keeps at least ``k`` times its resize target per side and the same grid
+    (``draft_scale``): faster, and slightly other pixels).
+
+    ``processor.on_device(images, ...)`` is the device path: uint8 images already on a device
+    (GPU-decoded) resized, normalised and patchified there (``packvit.preprocess.device``).
+
+    A family subclass sets the class attributes and implements ``keeps_aspect_ratio``,
+    ``fixed_size``, ``normalization``, ``target_size`` and ``resize_image`` (or ``resize_items``),
+    ``resize_plan`` and ``device_resample`` (or ``resize_device_images``), and ``from_checkpoint``
+    (settings from its config and ``preprocessor_config.json``).
     """
 
     family: ClassVar[str] = ""
@@ -169,15 +202,23 @@ class Processor:
     #: the patch cap of native processing when none is given
     default_max_num_patches: ClassVar[int | None] = None
     takes_videos: ClassVar[bool] = False
+    #: whether the family's reference processor converts to RGB (``do_convert_rgb=True``), which
+    #: decides what a file's transparent colour becomes (``packvit.preprocess.common``)
+    reference_converts_rgb: ClassVar[bool] = False
     #: the defaults ``load_processor``'s overrides may set, and why others are not among them
-    override_names: ClassVar[tuple[str, ...]] = ("max_num_patches", "native", "backend")
+    override_names: ClassVar[tuple[str, ...]] = ("max_num_patches", "native", "backend", "alpha", "max_pixels",
+                                                 "jpeg_draft")
     override_note: ClassVar[str] = ""
 
     def __init__(self, patch_size: int, *, max_num_patches: int | None = None, native: bool | None = None,
-                 backend: str | None = None):
-        self.patch_size = patch_size
-        self.native = _check_native(native)
+                 backend: str | None = None, alpha: str = "reference", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 jpeg_draft: float | None = None):
+        self.patch_size = check_patch_size(patch_size)
+        self.native = check_native(native)
         self.backend = self.backends[0] if backend is None else self._check_backend(backend)
+        self.alpha = check_alpha(alpha)
+        self.max_pixels = check_max_pixels(max_pixels)
+        self.jpeg_draft = check_jpeg_draft(jpeg_draft)
         keeps_aspect = self.keeps_aspect_ratio(self.native)  # refuses a default the checkpoint cannot take
         max_num_patches = check_max_num_patches(max_num_patches)
         if max_num_patches is not None and not keeps_aspect:
@@ -200,6 +241,8 @@ class Processor:
             f"{self.family} processor {self.fixed_size()}; {fix}"
         )
 
+    # --- what a family defines ----------------------------------------------------------------------
+
     def keeps_aspect_ratio(self, native: bool | None) -> bool:
         """Whether processing with this ``native`` keeps aspect ratios (and takes ``max_num_patches``);
         ``ValueError`` where the checkpoint cannot take native grids."""
@@ -209,19 +252,78 @@ class Processor:
         """What fixed-size processing does, for errors (families that have it)."""
         raise NotImplementedError
 
-    def process(self, images: list, videos: list, native: bool, max_num_patches: int | None, backend: str) -> PackedBatch:
-        """Checked images and videos → one ``PackedBatch``; ``native``: whether aspect ratios are kept."""
+    def normalization(self, backend: str) -> Normalization:
+        """How the backend's uint8 pixels are normalised."""
         raise NotImplementedError
 
-    def __call__(self, images=None, videos=None, *, max_num_patches: int | None = None, native: bool | None = None,
-                 backend: str | None = None) -> PackedBatch:
-        """Images (then videos) → one ``PackedBatch`` in the family's patch layout; ``None``
-        arguments take the processor's defaults."""
+    def target_size(self, height: int, width: int, native: bool, max_num_patches: int | None) -> tuple[int, int] | None:
+        """The (height, width) an upright image of ``height x width`` is resized to before any
+        crop, ``None`` where it is not resized (what ``jpeg_draft`` reduces a JPEG towards)."""
+        raise NotImplementedError
+
+    def resize_image(self, rgb: RGBPixels, native: bool, max_num_patches: int | None, backend: str) -> torch.Tensor:
+        """One RGB image → uint8 ``[3, H', W']`` with sides multiples of the patch size."""
+        raise NotImplementedError
+
+    def resize_items(self, images: list, videos: list, native: bool, max_num_patches: int | None,
+                     backend: str) -> PixelBatch:
+        """Checked images (and videos) → the ``PixelBatch`` of their uint8 patches."""
+        target = functools.partial(self.target_size, native=native, max_num_patches=max_num_patches)
+        items = [self.resize_image(self.rgb(image, backend, target), native, max_num_patches, backend) for image in images]
+        return self.pack_pixels(items, backend)
+
+    def resize_plan(self, height: int, width: int, native: bool, max_num_patches: int | None,
+                    backend: str) -> ResizePlan:
+        """What the device path does to an image of ``height x width``: the resize and crop of
+        ``resize_image`` as a ``ResizePlan``."""
+        raise NotImplementedError
+
+    def device_resample(self) -> str:
+        """The device path's filter, the family's resample: ``"bilinear"`` or ``"bicubic"``."""
+        raise NotImplementedError
+
+    def resize_device_images(self, images: list[torch.Tensor], native: bool, max_num_patches: int | None,
+                             backend: str) -> PixelBatch:
+        """uint8 ``[3, H, W]`` images on a device → their ``PixelBatch`` there (``packvit.preprocess.device``)."""
+        plans = [self.resize_plan(*image.shape[1:], native, max_num_patches, backend) for image in images]
+        resized = resize_on_device(images, plans, self.device_resample(), pillow_order=backend == "pil")
+        return self.pack_pixels(resized, backend)
+
+    # --- shared by the families ---------------------------------------------------------------------
+
+    def origin(self, backend: str) -> BatchOrigin:
+        normalization = self.normalization(backend)
+        return BatchOrigin(self.family, tuple(normalization.mean), tuple(normalization.std))
+
+    def pixel_batch(self, pixels: torch.Tensor, grid_thw: torch.Tensor, backend: str, **fields) -> PixelBatch:
+        return PixelBatch(pixels, grid_thw, self.patch_size, self.patch_layout, self.normalization(backend),
+                          self.origin(backend), **fields)
+
+    def pack_pixels(self, items: list[torch.Tensor], backend: str) -> PixelBatch:
+        """uint8 images ``[3, H, W]`` (sides multiples of the patch size) → their ``PixelBatch``."""
+        patches, grid_thw = patchify(items, self.patch_size, self.patch_layout)  # uint8 [total, patch_dim]
+        return self.pixel_batch(patches, grid_thw, backend)
+
+    def rgb(self, image, backend: str, target: Callable[[int, int], tuple[int, int] | None]) -> RGBPixels:
+        """One checked image → ``RGBPixels`` under the processor's ``alpha``, ``max_pixels`` and
+        ``jpeg_draft``; ``target(height, width)`` is the size it will be resized to (``None``: kept)."""
+        draft = None if self.jpeg_draft is None else functools.partial(draft_scale, target=target,
+                                                                        margin=self.jpeg_draft)
+        return rgb_pixels(image, backend, self.alpha, reference_converts_rgb=self.reference_converts_rgb,
+                          max_pixels=self.max_pixels, draft=draft)
+
+    def _options(self, max_num_patches, native, backend) -> tuple[bool, int | None, str]:
+        """A call's options checked: ``(keeps_aspect, cap, backend)``."""
         backend = self.backend if backend is None else self._check_backend(backend)
-        keeps_aspect = self.keeps_aspect_ratio(self.native if native is None else _check_native(native))
+        keeps_aspect = self.keeps_aspect_ratio(self.native if native is None else check_native(native))
         max_num_patches = check_max_num_patches(max_num_patches)
         if max_num_patches is not None and not keeps_aspect:
             raise ValueError(self._refuse_cap(max_num_patches, "pass native=True to keep aspect ratios under the cap"))
+        return keeps_aspect, self.max_num_patches if max_num_patches is None else max_num_patches, backend
+
+    def _arguments(self, images, videos, max_num_patches, native, backend) -> tuple:
+        """The call's arguments checked: ``(images, videos, keeps_aspect, cap, backend)``."""
+        keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)
         if videos is not None and not self.takes_videos:
             raise ValueError(
                 f"{self.family} encodes images, not videos: pass a video's frames as images, "
@@ -238,8 +340,46 @@ class Processor:
             images = None
         items = [] if images is None else image_list(images)
         clips = [] if videos is None else video_list(videos)
-        cap = self.max_num_patches if max_num_patches is None else max_num_patches
-        return self.process(items, clips, keeps_aspect, cap, backend)
+        return items, clips, keeps_aspect, cap, backend
+
+    # --- the API ------------------------------------------------------------------------------------
+
+    def resize(self, images=None, videos=None, *, max_num_patches: int | None = None, native: bool | None = None,
+               backend: str | None = None) -> PixelBatch:
+        """Stage 1: images (then videos) → their uint8 ``PixelBatch``; arguments as ``__call__``'s."""
+        return self.resize_items(*self._arguments(images, videos, max_num_patches, native, backend))
+
+    def normalize(self, pixels: PixelBatch, *, device=None, dtype: torch.dtype | None = None) -> PackedBatch:
+        """Stage 2: a ``PixelBatch`` this family's processor made → the normalised ``PackedBatch``,
+        its patches on ``device`` (default: where the pixels are) in ``dtype`` (default float32)."""
+        if not isinstance(pixels, PixelBatch):
+            raise TypeError(f"normalize takes the PixelBatch of processor.resize(...), got {type(pixels).__name__}")
+        if pixels.origin.family != self.family:
+            raise ValueError(
+                f"these pixels were made by a {pixels.origin.family} processor, not this {self.family} one; "
+                f"normalise them with the processor that resized them"
+            )
+        return pixels.normalize(device, dtype)
+
+    def on_device(self, images, *, max_num_patches: int | None = None, native: bool | None = None,
+                  backend: str | None = None, dtype: torch.dtype | None = None) -> PackedBatch:
+        """The device path: uint8 images ``[C, H, W]`` (C 1 or 3; a list, or a batch ``[B, C, H, W]``)
+        already on a device, as GPU JPEG decoding returns them → the ``PackedBatch`` of this
+        processor's definition, its patches on that device in ``dtype`` (default float32).
+
+        Resize and crop as ``packvit.preprocess.device`` defines them (within two uint8 levels of
+        the backend's own resize, at most 0.4% of pixels differing), normalisation exactly the
+        backend's; the images are taken as they are (upright, RGB)."""
+        images = check_device_images(images)
+        keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)
+        return self.resize_device_images(images, keeps_aspect, cap, backend).normalize(dtype=dtype)
+
+    def __call__(self, images=None, videos=None, *, max_num_patches: int | None = None, native: bool | None = None,
+                 backend: str | None = None) -> PackedBatch:
+        """Images (then videos) → one ``PackedBatch`` in the family's patch layout; ``None``
+        arguments take the processor's defaults."""
+        return self.normalize(self.resize(images, videos, max_num_patches=max_num_patches, native=native,
+                                          backend=backend))
 
     @classmethod
     def check_overrides(cls, overrides: dict) -> None:
@@ -254,6 +394,20 @@ class Processor:
         """The processor of a checkpoint: its family ``config``, its ``preprocessor_config.json``
         ``fields`` (all read or refused) and ``overrides`` of the defaults."""
         raise NotImplementedError
+
+
+def draft_scale(height: int, width: int, target: Callable[[int, int], tuple[int, int] | None], margin: float) -> int:
+    """The largest JPEG reduction (``DRAFT_SCALES``) whose ``ceil(side / reduction)`` pixels keep at
+    least ``margin`` times the resize ``target`` per side and are resized to that same target (so
+    the grid and every size after it are the full image's); 1 where none does or nothing is resized."""
+    goal = target(height, width)
+    if goal is None:
+        return 1
+    for scale in sorted(DRAFT_SCALES, reverse=True)[:-1]:
+        reduced = (-(-height // scale), -(-width // scale))
+        if all(side >= margin * wanted for side, wanted in zip(reduced, goal)) and target(*reduced) == goal:
+            return scale
+    return 1
 
 
 def processor_class(family: str) -> type[Processor]:

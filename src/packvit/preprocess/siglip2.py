@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..packing import PackedBatch, patchify
-from .common import HALF_MEAN, HALF_STD, check_backend, image_list, rescale_and_normalize, to_rgb_uint8
+from ..packing import PackedBatch, unpatchify
+from .common import HALF_MEAN, HALF_STD, RGBPixels, check_backend, to_rgb_uint8
+from .device import ResizePlan
+from .pixels import Normalization, rescale_and_normalize
 from .processor import PreprocessorSettings, Processor
 
 __all__ = [
@@ -85,26 +87,35 @@ def target_size_for_max_num_patches(
     return scaled(height, low), scaled(width, low)
 
 
-def siglip2_resize(image: torch.Tensor, size: tuple[int, int], backend: str = "torch") -> torch.Tensor:
-    """Bilinear resize of uint8 ``[3, H, W]`` to uint8 ``[3, size[0], size[1]]``, as the backend's
-    processor does it."""
-    check_backend(backend)
-    height, width = image.shape[-2:]
-    if backend == "pil":
-        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-        resized = pil.resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
-    if tuple(size) == (height, width):
-        return image
-    native_uint8 = image.device.type == "cpu" and (
+def _native_uint8(device: torch.device) -> bool:
+    """Whether torch (and so torchvision) resizes uint8 natively here: CPUs with AVX2/AVX512 or arm64."""
+    return device.type == "cpu" and (
         torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
     )
-    batch = image.unsqueeze(0) if native_uint8 else image.unsqueeze(0).float()
-    # [1, 3, H, W] → [1, 3, H', W']
+
+
+def siglip2_resize(image: torch.Tensor | RGBPixels, size: tuple[int, int], backend: str = "torch",
+                   device=None) -> torch.Tensor:
+    """Bilinear resize of uint8 ``[3, H, W]`` (or ``RGBPixels``) to uint8 ``[3, size[0], size[1]]``,
+    as the backend's processor does it; ``device`` (``"torch"`` only) is where it runs."""
+    check_backend(backend)
+    rgb = image if isinstance(image, RGBPixels) else RGBPixels.from_chw(image)
+    if backend == "pil":
+        resized = rgb.pil().resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # [H', W', 3] → [3, H', W']
+    if device is not None:
+        rgb = RGBPixels(hwc=rgb.hwc().to(device))
+    if tuple(size) == (rgb.height, rgb.width):
+        return rgb.chw()
+    native_uint8 = _native_uint8(rgb.hwc().device)
+    batch = rgb.batch(padded=native_uint8)  # [1, 3 or 4, H, W]
+    if not native_uint8:  # as torchvision converts: a contiguous float32 copy
+        batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    # [1, C, H, W] → [1, C, H', W'], channel by channel
     resized = F.interpolate(batch, size=list(size), mode="bilinear", align_corners=False, antialias=True)
     if not native_uint8:
         resized = resized.round_().to(torch.uint8)
-    return resized[0]
+    return resized[0, :3]
 
 
 def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEAN, std=HALF_STD,
@@ -114,40 +125,33 @@ def siglip2_normalize(image: torch.Tensor, backend: str = "torch", mean=HALF_MEA
 
 
 def siglip2_images(images, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
-                   patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> list[torch.Tensor]:
+                   patch_size: int = SIGLIP2_PATCH_SIZE, device=None, **settings) -> list[torch.Tensor]:
     """Images (one or a sequence) → normalised float32 ``[3, H', W']`` tensors (sides multiples of
-    ``patch_size``).
+    ``patch_size``), as ``siglip2_preprocess`` computes them.
 
-    ``device`` (``"torch"`` backend only) is where the resize and normalisation run.
+    ``device`` (``"torch"`` backend only) is where the resize and normalisation run; ``settings``
+    are the settings every processor has (``alpha``, ``max_pixels``, ``jpeg_draft``: ``Processor``).
     """
-    check_backend(backend)
-    items = []
-    for image in image_list(images):
-        rgb = to_rgb_uint8(image, backend)
-        if device is not None and backend == "torch":
-            rgb = rgb.to(device)
-        size = target_size_for_max_num_patches(rgb.shape[-2], rgb.shape[-1], patch_size, max_num_patches)
-        items.append(siglip2_normalize(siglip2_resize(rgb, size, backend), backend))
-    return items
+    batch = siglip2_preprocess(images, max_num_patches, backend, patch_size, device, **settings)
+    return [item[0] for item in unpatchify(batch.patches, batch.grid_thw, patch_size, "ppc")]
 
 
 def siglip2_preprocess(images, max_num_patches: int = SIGLIP2_MAX_NUM_PATCHES, backend: str = "torch",
-                       patch_size: int = SIGLIP2_PATCH_SIZE, device=None) -> PackedBatch:
+                       patch_size: int = SIGLIP2_PATCH_SIZE, device=None, **settings) -> PackedBatch:
     """Images → ``PackedBatch(patches [sum h*w, p*p*3] float32, grid_thw [num_images, 3])`` in the
-    (p, p, C) layout.
+    (p, p, C) layout: ``Siglip2Processor`` with these settings (``settings`` as in ``siglip2_images``).
 
     Item ``i``'s rows equal the first ``h_i * w_i`` rows of the reference processor's
     ``pixel_values[i]`` and its grid row is ``(1, *spatial_shapes[i])``.
     """
-    items = siglip2_images(images, max_num_patches, backend, patch_size, device)  # [3, H', W'] each
-    patches, grid_thw = patchify(items, patch_size, layout="ppc")
-    return PackedBatch(patches, grid_thw, "ppc")
+    return Siglip2Processor(patch_size, max_num_patches=max_num_patches, backend=backend, device=device,
+                            **settings)(images)
 
 
 class Siglip2Processor(Processor):
-    """SigLIP2 NaFlex's processor: ``siglip2_preprocess`` at the checkpoint's ``max_num_patches``
-    (default 256), backend ``"torch"`` by default; ``native`` changes nothing (NaFlex keeps aspect
-    ratios)."""
+    """SigLIP2 NaFlex's processor: each image resized to ``target_size_for_max_num_patches`` at the
+    checkpoint's ``max_num_patches`` (default 256), backend ``"torch"`` by default; ``native``
+    changes nothing (NaFlex keeps aspect ratios)."""
 
     family = "siglip2"
     backends = ("torch", "pil")
@@ -156,15 +160,28 @@ class Siglip2Processor(Processor):
     default_max_num_patches = SIGLIP2_MAX_NUM_PATCHES
 
     def __init__(self, patch_size: int = SIGLIP2_PATCH_SIZE, *, max_num_patches: int | None = None,
-                 native: bool | None = None, backend: str | None = None, device=None):
+                 native: bool | None = None, backend: str | None = None, device=None, **settings):
         self.device = device
-        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend)
+        super().__init__(patch_size, max_num_patches=max_num_patches, native=native, backend=backend, **settings)
 
     def keeps_aspect_ratio(self, native: bool | None) -> bool:
         return True
 
-    def process(self, images, videos, native, max_num_patches, backend) -> PackedBatch:
-        return siglip2_preprocess(images, max_num_patches, backend, self.patch_size, self.device)
+    def normalization(self, backend: str) -> Normalization:
+        return Normalization(HALF_MEAN, HALF_STD, backend)
+
+    def target_size(self, height, width, native, max_num_patches) -> tuple[int, int]:
+        return target_size_for_max_num_patches(height, width, self.patch_size, max_num_patches)
+
+    def resize_image(self, rgb, native, max_num_patches, backend) -> torch.Tensor:
+        size = self.target_size(rgb.height, rgb.width, native, max_num_patches)
+        return siglip2_resize(rgb, size, backend, self.device if backend == "torch" else None)
+
+    def resize_plan(self, height, width, native, max_num_patches, backend) -> ResizePlan:
+        return ResizePlan.whole(self.target_size(height, width, native, max_num_patches))
+
+    def device_resample(self) -> str:
+        return "bilinear"
 
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "Siglip2Processor":
