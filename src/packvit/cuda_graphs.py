@@ -258,6 +258,11 @@ class GraphedEncoder:
                 "GraphedEncoder captures eager encoder blocks and model.compile_layers is True; set it to None "
                 "(automatic: eager inside the graphs) or False"
             )
+        if getattr(model, "batch_invariant", False):
+            raise ValueError(
+                "GraphedEncoder captures the encoder blocks with the default kernels and model.batch_invariant is on; "
+                "a batch-invariant model runs model(batch) eagerly (turn batch_invariant off to capture graphs)"
+            )
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be a positive integer (items per pack), got {max_items!r}")
         budgets = sorted(set(budgets))

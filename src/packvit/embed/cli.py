@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     run_group.add_argument("--model_dtype", choices=("bfloat16", "float16", "float32"), default=None,
                            help="default: bfloat16 on CUDA, float32 on the CPU")
+    run_group.add_argument("--batch_invariant", action="store_true",
+                           help="batch-invariant model: an input's embedding is the same bytes whatever it is packed "
+                                "with, so any number of processes or workers writes the same files (also on with "
+                                "PACKVIT_BATCH_INVARIANT=1; docs/batch_invariance.md) (default: off)")
     run_group.add_argument("--quiet", action="store_true",
                            help="one log line per shard instead of the progress bar (default: a progress bar)")
     parser.set_defaults(normalize=defaults.normalize)

@@ -42,13 +42,15 @@ def versions() -> dict[str, str]:
 
 
 def build_settings(info: CheckpointInfo, processor: dict, plan: InputPlan, given: Sequence[str], options: EmbedOptions,
-                   model_dtype: torch.dtype) -> dict:
+                   model_dtype: torch.dtype, batch_invariant: bool = False) -> dict:
     """The ``settings`` block of a run: the model (family, compute dtype, a SHA-256 of every file that
-    decides the outputs), the processor as it runs (``processor``: its resolved settings) with the
-    decode settings, the output format and the resolved input. JSON values, as a manifest reads back."""
+    decides the outputs, ``batch_invariant: true`` when the model runs batch-invariant: absent
+    otherwise, as in folders made before the mode existed), the processor as it runs
+    (``processor``: its resolved settings) with the decode settings, the output format and the
+    resolved input. JSON values, as a manifest reads back."""
     settings = {
         "model": {"checkpoint": info.checkpoint, "family": info.family, "dtype": str(model_dtype).replace("torch.", ""),
-                  "files_sha256": info.file_hashes()},
+                  "files_sha256": info.file_hashes(), **({"batch_invariant": True} if batch_invariant else {})},
         "processor": {**processor, "max_pixels": options.max_pixels, "num_frames": options.num_frames,
                       "videos": "clips" if info.takes_video else "frames as items"},
         "output": {"dtype": options.dtype, "normalize": options.normalize, "tokens": list(options.token_names),

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..batch_invariant import normalize_rows
 from ..checkpoint import read_config_dict, resolve_checkpoint
 from ..models.base import normalize_layer_indices
 from ..models.registry import family_config, model_class
@@ -90,8 +91,9 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 class Encoder:
     """A loaded model and what to return per pack: pooled embeddings (L2-normalised with
-    ``normalize``) and the token tensors ``token_names`` (``last_hidden_state``, or the hidden
-    states ``layers``), stored as ``output_dtype``.
+    ``normalize``, row by row with batch-invariant kernels where the model is batch-invariant) and
+    the token tensors ``token_names`` (``last_hidden_state``, or the hidden states ``layers``),
+    stored as ``output_dtype``.
 
     On CUDA a pack's patches are copied on a side stream (overlapping the forward in flight) and the
     outputs come back by non-blocking copies into pinned memory.
@@ -130,7 +132,7 @@ class Encoder:
             return HostOutputs(None)
         pooled, tokens = self.forward(self._to_device(pack.batch))  # [items, D], {name: [tokens, D]}
         if self.normalize:
-            pooled = F.normalize(pooled.float(), dim=-1)
+            pooled = normalize_rows(pooled.float()) if getattr(self.model, "batch_invariant", False) else F.normalize(pooled.float(), dim=-1)
         dtype = getattr(torch, self.output_dtype)
         pooled, tokens = pooled.to(dtype), {name: value.to(dtype) for name, value in tokens.items()}
         if self.device.type != "cuda":
@@ -158,7 +160,9 @@ class Encoder:
 
 
 def load_encoder(info: CheckpointInfo, *, device=None, dtype=None, token_names: Sequence[str] = (),
-                 layers: Sequence[int] = (), normalize: bool = False, output_dtype: str = "float16") -> Encoder:
-    """Loads a described checkpoint for embedding (see ``Encoder``)."""
-    model = model_class(info.family).from_pretrained(info.directory, device=device, dtype=dtype)
+                 layers: Sequence[int] = (), normalize: bool = False, output_dtype: str = "float16",
+                 batch_invariant: bool = False) -> Encoder:
+    """Loads a described checkpoint for embedding (see ``Encoder``), batch-invariant or not."""
+    model = model_class(info.family).from_pretrained(info.directory, device=device, dtype=dtype,
+                                                     batch_invariant=batch_invariant)
     return Encoder(model, token_names=token_names, layers=layers, normalize=normalize, output_dtype=output_dtype)

@@ -33,6 +33,7 @@ class EmbedOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     device: str | None = None
     model_dtype: str | None = None
+    batch_invariant: bool = False
     overwrite: bool = False
     quiet: bool = False
 

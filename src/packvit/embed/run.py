@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from .._optional import require
 from ..attention import select_backend
+from ..batch_invariant import attention_backend as invariant_attention_backend
+from ..batch_invariant import from_environment as batch_invariant_from_environment
 from ..models.base import default_dtype
 from .dataset import InputCounter, make_loader
 from .decode import DecodeOptions, media_kind, require_av
@@ -98,10 +100,14 @@ def _device(options: EmbedOptions, ranks: _Ranks) -> torch.device:
     return device
 
 
-def _check_attention(device: torch.device, dtype: torch.dtype, info) -> None:
-    """Refuses a compute dtype or a forced attention backend that cannot run on ``device``."""
+def _check_attention(device: torch.device, dtype: torch.dtype, info, batch_invariant: bool) -> None:
+    """Refuses a compute dtype or a forced attention backend that cannot run on ``device`` (or, for a
+    batch-invariant run, that cannot serve that mode)."""
     try:
-        select_backend(device, dtype, info.head_dim)
+        if batch_invariant:
+            invariant_attention_backend(device, dtype, info.head_dim)
+        else:
+            select_backend(device, dtype, info.head_dim)
     except ValueError as error:
         raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
 
@@ -267,16 +273,19 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
         model_dtype = default_dtype(device, options.model_dtype)
         info = describe_checkpoint(model)
         info.check_layers(options.layers)
-        _check_attention(device, model_dtype, info)
+        batch_invariant = options.batch_invariant or batch_invariant_from_environment()
+        _check_attention(device, model_dtype, info, batch_invariant)
         processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches)
         processor.probe()
         layout = OutputLayout(Path(output), len(plan.tasks))
-        settings = build_settings(info, processor.settings(), plan, given, options, model_dtype) if ranks.rank == 0 else None
+        settings = (build_settings(info, processor.settings(), plan, given, options, model_dtype, batch_invariant)
+                    if ranks.rank == 0 else None)
         tasks = _claim_tasks(layout, plan, settings, options, ranks)
         stats = None
         if tasks:
             encoder = load_encoder(info, device=device, dtype=model_dtype, token_names=options.token_names,
-                                   layers=options.layers, normalize=options.normalize, output_dtype=options.dtype)
+                                   layers=options.layers, normalize=options.normalize, output_dtype=options.dtype,
+                                   batch_invariant=batch_invariant)
             decode = DecodeOptions(options.max_pixels, options.num_frames, video_as_item=info.takes_video)
             stats = _encode_tasks(encoder, processor, decode, tasks, layout, options, ranks, on_task_done)
         if ranks.world_size > 1:

@@ -40,6 +40,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import (checkpoint_sources, mismatch_in_checkpoint_names, read_config_dict, read_state_dict,
                           resolve_checkpoint, write_checkpoint)
+from ..batch_invariant import from_environment as batch_invariant_from_environment
+from ..batch_invariant import attention_backend as invariant_attention_backend
+from ..batch_invariant import runs_batch_invariant, with_invariant_kernels
 from ..cuda_graphs import AUTO_BUDGETS, AUTO_MAX_ITEMS, GraphedEncoder, graph_backend
 from ..fp8 import FP8, check_apply, quantize_model
 from ..layers import VarlenContext, run_layer
@@ -220,7 +223,7 @@ class PackedVisionModel(nn.Module):
     ``Model.from_pretrained(...)`` loads a checkpoint (bf16 on CUDA, float32 on the CPU, unless
     ``dtype`` says otherwise); ``config_overrides`` replace configuration fields, and the weights
     must then match the architecture exactly (loading never changes the architecture silently);
-    ``interpolate_pos_encoding`` sets the attribute of that name.
+    ``interpolate_pos_encoding`` and ``batch_invariant`` set the attributes of those names.
 
     ``model(batch)`` with a ``PackedBatch`` (moved to the model's device and dtype here) returns a
     ``PackedVisionOutput``; ``encode`` is the template behind it. ``model(patches, grid_thw)`` is
@@ -242,7 +245,7 @@ class PackedVisionModel(nn.Module):
     returns_output_by_default: ClassVar[bool] = False
 
     def __init__(self, config: VisionConfig | None = None, *, ckpt=None, device=None, dtype=None,
-                 interpolate_pos_encoding: bool = False, **config_overrides):
+                 interpolate_pos_encoding: bool = False, batch_invariant: bool | None = None, **config_overrides):
         super().__init__()
         if (config is None) == (ckpt is None):
             raise ValueError("pass a configuration to build random weights, or ckpt= to load a checkpoint, not both")
@@ -283,6 +286,9 @@ class PackedVisionModel(nn.Module):
         self.cuda_graphs = True
         #: "fp8" where the blocks' projections compute in e4m3 (``dtype="fp8"``, packvit.fp8), else None
         self.quantization: str | None = None
+        #: every output of an item bit-identical whatever else is in its pack (packvit.batch_invariant);
+        #: the constructor's None reads PACKVIT_BATCH_INVARIANT
+        self.batch_invariant = batch_invariant_from_environment() if batch_invariant is None else bool(batch_invariant)
         if state is None:
             self.build(config)
         else:
@@ -307,6 +313,7 @@ class PackedVisionModel(nn.Module):
         ``torch_dtype`` and ``device_map`` are transformers' spellings of ``dtype`` and ``device``
         (the earlier packed models were transformers models): a ``device_map`` names one device
         (or ``"auto"``, the default device), since a packed model lives on one device.
+        ``batch_invariant=True``: see the attribute (``docs/batch_invariance.md``).
         """
         dtype = _one_spelling("dtype", dtype, "torch_dtype", torch_dtype)
         device = _one_spelling("device", device, "device_map", _single_device(device_map))
@@ -446,7 +453,7 @@ class PackedVisionModel(nn.Module):
 
     #: the modes ``runtime`` sets: model attributes that change how a forward runs, not what it computes
     RUNTIME_MODES: ClassVar[tuple[str, ...]] = ("attention_backend", "compile_layers", "gradient_checkpointing",
-                                                "cuda_graphs")
+                                                "cuda_graphs", "batch_invariant")
 
     @property
     def cuda_graphs(self) -> bool:
@@ -456,8 +463,8 @@ class PackedVisionModel(nn.Module):
         until the model moves, is cast or loads new parameter tensors. The outputs are those of
         the eager forward (``packvit.cuda_graphs``); memory: the static buffers and one shared
         graph pool, the working set of the largest budget used. Packs with hidden states, given
-        ``metadata``, gradients, ``compile_layers=True`` or an attention backend that cannot be
-        captured run eagerly. Turned off, the graphs captured so far are kept for when it is turned
+        ``metadata``, gradients, ``compile_layers=True``, ``batch_invariant`` or an attention backend
+        that cannot be captured run eagerly. Turned off, the graphs captured so far are kept for when it is turned
         on again (``model.runtime(cuda_graphs=False)`` for a block); moving or casting the model frees them."""
         return self._cuda_graphs
 
@@ -467,7 +474,8 @@ class PackedVisionModel(nn.Module):
 
     def _graphed(self, batch: PackedBatch, pool: bool) -> PackedVisionOutput | None:
         """``model(batch)`` through the automatic graphs, or ``None`` where they do not apply."""
-        if not (self._cuda_graphs and not torch.is_grad_enabled() and self.compile_layers is not True):
+        if not (self._cuda_graphs and not torch.is_grad_enabled() and self.compile_layers is not True
+                and not self.batch_invariant):
             return None
         first = next(self.parameters())
         if (first.device.type != "cuda" or type(first) is not nn.Parameter  # sharded (FSDP2) parameters: eager
@@ -546,7 +554,7 @@ class PackedVisionModel(nn.Module):
         counts = item_token_counts(grid_thw)
         lengths = [num_prefix + n for n in counts]
         if context is None:
-            context = VarlenContext.from_lengths(lengths, device, backend=self.attention_backend)
+            context = VarlenContext.from_lengths(lengths, device, backend=self._pack_attention_backend())
         elif list(context.segments.lengths) != lengths:
             raise ValueError(
                 f"the attention segments given ({len(context.segments.lengths)} of {context.segments.total} tokens) "
@@ -669,6 +677,7 @@ class PackedVisionModel(nn.Module):
             return output
         return output.to_tuple() if self.returns_output_by_default else output.last_hidden_state
 
+    @runs_batch_invariant
     def encode(self, batch: PackedBatch, *, metadata: PackMetadata | None = None, layers: Sequence[int] | None = None,
                stop_early: bool = False, pool: bool = True, blocks=None) -> PackedVisionOutput:
         """The forward template: check → metadata → embed → blocks → final norm → split → pool.
@@ -677,7 +686,8 @@ class PackedVisionModel(nn.Module):
         (indices as in ``forward``'s ``hidden_layers``); ``stop_early``: return those alone, running
         no block past the deepest. ``pool=False``: no pooling head. ``blocks``: a callable
         ``(x [S, D], metadata) -> [S, D]`` run in place of the block stack (the replay of captured
-        graphs); the sequence it returns must stay valid until the template has used it.
+        graphs); the sequence it returns must stay valid until the template has used it. With
+        ``batch_invariant`` the template runs under ``packvit.batch_invariant``'s kernels.
         """
         self._check_batch(batch)
         if metadata is None:
@@ -755,14 +765,26 @@ class PackedVisionModel(nn.Module):
                 f"{self.activation_dtype}; call model.prepare(batch) again after moving the model or setting "
                 f"compute_dtype"
             )
-        if meta.context.backend != self.attention_backend:
+        backend = self._pack_attention_backend()
+        if meta.context.backend != backend:
+            invariant = f" (batch-invariant mode: {backend!r})" if self.batch_invariant else ""
             raise ValueError(
                 f"metadata was prepared for the attention backend {meta.context.backend!r} and the model now has "
-                f"attention_backend={self.attention_backend!r}; {redo}"
+                f"attention_backend={self.attention_backend!r}{invariant}; {redo}"
             )
 
+    def _pack_attention_backend(self) -> str | None:
+        """The attention backend of a pack's metadata: ``attention_backend``, or in batch-invariant
+        mode the backend that mode runs (``packvit.batch_invariant.attention_backend``)."""
+        if not self.batch_invariant:
+            return self.attention_backend
+        return invariant_attention_backend(self.device, self.activation_dtype, self.config.head_dim,
+                                           self.attention_backend)
+
     def _run_block(self, block: nn.Module, x: torch.Tensor, meta: PackMetadata) -> torch.Tensor:
-        call = functools.partial(run_layer, block, compiled=self.compile_layers)
+        call = functools.partial(run_layer, block, compiled=False if self.batch_invariant else self.compile_layers)
+        if self.batch_invariant:  # also for the recompute of gradient checkpointing, in the backward pass
+            call = with_invariant_kernels(call)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(call, x, meta.context, meta.rotary, use_reentrant=False, **self._checkpoint_kwargs)
         return call(x, meta.context, meta.rotary)
