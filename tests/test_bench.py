@@ -208,3 +208,19 @@ def test_old_benchmark_entry_points_run_their_suites(shim, suite_flag, monkeypat
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: packvit bench")
     assert suite_flag in " ".join(out.split())
+
+
+def test_bench_fp8_reports_speed_and_agreement_against_bf16(tmp_path):
+    """``--fp8``: the FP8 model of each checkpoint beside packvit's own, on the same packs (tiny models,
+    the CPU's float8 products in a smoke run)."""
+    require_references("siglip2", "aimv2")
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--smoke", "--models", "siglip2", "aimv2", "--workloads", "mixed", "--repeats", "1",
+                     "--no-compile", "--no-graphs", "--items", "4", "--fp8", "--out", str(out)]) == 0
+    results = json.loads((out / "bench.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["siglip2", "aimv2"]
+    for r in results:
+        assert r["fp8_items_per_s"] > 0 and r["fp8_speedup_over_bf16"] > 0
+        assert 0.99 < r["fp8_token_cosine_mean"] < 1.0  # quantised: close to, and not equal to, the model's own
+        assert 0.99 < r["fp8_pooled_cosine_min"] <= 1.0
+    assert "FP8 (dtype='fp8', default layers)" in (out / "bench.md").read_text()

@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -189,3 +190,21 @@ def test_a_folder_without_write_permission_is_refused(tmp_path, capsys, no_work)
 
 def test_an_unknown_attention_backend_is_refused_before_any_work(capsys, no_work):
     assert "argument --backend: invalid choice: 'nope'" in _refused(["bench", "--smoke", "--backend", "nope"], capsys)
+
+
+def test_align_compares_the_fp8_model_too(tmp_path):
+    """``packvit align --fp8``: the FP8 model against the reference (float32 on the CPU), with its own
+    cosine bound, beside the float32 rows."""
+    out = tmp_path / "align.json"
+    assert cli.main(["align", "llava_vit", "--fp8", "--no-use_real_images", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    fp8 = [r for r in rows if r["precision"] == "fp8"]
+    assert fp8 and len(fp8) == len([r for r in rows if r["precision"] == "float32"])
+    for row in fp8:
+        assert row["passed"] and row["criterion"] == "mean and pooled cosine >= 0.997"
+        assert 0.997 <= row["mean_cosine"] < 1.0 and row["max_diff"] > 1e-4  # quantised, not the float32 result
+
+
+def test_fp8_threshold_without_fp8_is_refused(capsys, no_work):
+    assert cli.main(["align", "llava_vit", "--fp8_threshold", "0.99"]) == 2
+    assert "--fp8_threshold bounds the FP8 comparison, which runs with --fp8" in capsys.readouterr().err

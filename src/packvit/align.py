@@ -140,12 +140,22 @@ class AlignSettings:
     #: the real-images scenario's photographs (RGB images), or None for no such scenario
     photographs: tuple | None = None
     json: Path | None = None
+    #: also compare packvit's FP8 model (``dtype="fp8"``) against the reference (bf16 on CUDA, float32 on the CPU)
+    fp8: bool = False
+    #: FP8 bound on mean token and pooled cosine; None: 0.997 for a tiny random checkpoint, 0.999 otherwise
+    fp8_threshold: float | None = None
 
     @property
     def float32_threshold(self) -> float:
         if self.threshold is not None:
             return self.threshold
         return 1e-5 if self.checkpoint is None and self.size == "tiny" else 1e-4
+
+    @property
+    def fp8_cosine_threshold(self) -> float:
+        if self.fp8_threshold is not None:
+            return self.fp8_threshold
+        return 0.997 if self.checkpoint is None and self.size == "tiny" else 0.999
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AlignSettings:
@@ -165,11 +175,13 @@ class AlignSettings:
                 raise ValueError(f"--ckpt {args.ckpt} is one {family} checkpoint; name {family} alone with it "
                                  f"(or no family), not {', '.join(families)}")
             families = (family,)
+        if args.fp8_threshold is not None and not args.fp8:
+            raise ValueError("--fp8_threshold bounds the FP8 comparison, which runs with --fp8; add --fp8 or drop it")
         device = arguments.device_or_default(args.device)
         return cls(families=families or FAMILIES, device=device, checkpoint=checkpoint, size=args.size or "tiny",
                    batch_size=args.batch_size, image_sizes=tuple(args.image_size or ()), threshold=args.threshold,
                    cosine_threshold=args.cosine_threshold, photographs=_photographs(args.image_dir, args.use_real_images),
-                   json=args.json)
+                   json=args.json, fp8=args.fp8, fp8_threshold=args.fp8_threshold)
 
 
 def _scenarios(adapter: FamilyAdapter, ckpt, patch_size: int, settings: AlignSettings) -> list[tuple[str, list[torch.Tensor]]]:
@@ -200,21 +212,24 @@ def align_family(name: str, settings: AlignSettings) -> list[ScenarioResult]:
         torch.backends.cudnn.allow_tf32 = False
     with tempfile.TemporaryDirectory(prefix=f"packvit-align-{name}-") as scratch:
         ckpt = settings.checkpoint or adapter.write_random_checkpoint(Path(scratch), size=settings.size, seed=0)
-        precisions = [("float32", torch.float32, "reference")]
+        # (name, reference dtype, packed dtype, packed attention backend)
+        precisions = [("float32", torch.float32, torch.float32, "reference")]
         if device.type == "cuda":
-            precisions.insert(0, ("bfloat16", torch.bfloat16, None))
+            precisions.insert(0, ("bfloat16", torch.bfloat16, torch.bfloat16, None))
+        if settings.fp8:
+            precisions.append(("fp8", torch.bfloat16 if device.type == "cuda" else torch.float32, "fp8", None))
         results = []
-        for precision, dtype, backend in precisions:
+        for precision, dtype, packed_dtype, backend in precisions:
             reference = adapter.load_reference(ckpt, device, dtype)
-            packed = adapter.load_packed(ckpt, device, dtype)
+            packed = adapter.load_packed(ckpt, device, packed_dtype)
             with packed.runtime(attention_backend=backend):
                 for scenario, items in _scenarios(adapter, ckpt, packed.patch_size, settings):
                     items = [item.to(device=device, dtype=dtype) for item in items]
                     with torch.inference_mode():
                         ref_out = adapter.run_reference(reference, items, settings.batch_size)
                         packed_out = adapter.run_packed(packed, items)
-                    result = _compare(name, precision, scenario, ref_out, packed_out, settings.float32_threshold,
-                                      settings.cosine_threshold)
+                    cosine = settings.fp8_cosine_threshold if precision == "fp8" else settings.cosine_threshold
+                    result = _compare(name, precision, scenario, ref_out, packed_out, settings.float32_threshold, cosine)
                     results.append(result)
                     _print_row(result)
             del reference, packed
@@ -249,6 +264,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("tiny", "full"),
                         help="size of the random checkpoint when no --ckpt is given (default: tiny)")
     parser.add_argument("--json", type=arguments.output_file, help="write every result to this JSON file")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also compare packvit's FP8 model (dtype='fp8') against the reference: bf16 on CUDA "
+                             "(compute capability 8.9 or later), float32 on the CPU")
+    parser.add_argument("--fp8_threshold", type=float,
+                        help="FP8 pass bound on mean token and pooled cosine (default 0.997 small random, 0.999 real "
+                             "and full-size checkpoints)")
 
 
 def run(args: argparse.Namespace) -> int:

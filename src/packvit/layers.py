@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +198,9 @@ class Mlp(nn.Module):
     records a graph for backward (the fused function has no derivative).
     """
 
+    #: a gated MLP (three matrices of the MLP width, not two)
+    gated: ClassVar[bool] = False
+
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
@@ -222,6 +225,9 @@ class Mlp(nn.Module):
 
 class GatedMlp(nn.Module):
     """SwiGLU ``down(act(gate(x)) * up(x))`` with gate and up fused in one ``gate_up`` projection."""
+
+    #: a gated MLP (three matrices of the MLP width, not two)
+    gated: ClassVar[bool] = True
 
     def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()

@@ -33,7 +33,7 @@ from ..attention import BACKENDS, select_backend
 from ..checkpoint import read_config_dict
 from ..cuda_graphs import DEFAULT_BUDGETS, GraphedEncoder, select_budget
 from ..harness import FAMILIES, FamilyAdapter, get_adapter
-from ..layers import GatedMlp, layers_compiled
+from ..layers import layers_compiled
 from ..models.registry import model_class
 from .common import (
     PeakMemory, call_latencies_ms, environment, gemm_tflops, group_by_budget, latency_percentiles, median_seconds, mib,
@@ -69,6 +69,8 @@ class InferenceSettings:
     profile: bool = False
     graphs: bool = True
     graph_budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    #: also time packvit in FP8 (``dtype="fp8"``) on the throughput workloads, against its bf16
+    fp8: bool = False
     smoke: bool = False
     out: Path = Path("bench_out")
     #: where the random checkpoints are kept across runs (None: a temporary folder)
@@ -88,7 +90,7 @@ class InferenceSettings:
                    device=device, sequence_token_budget=args.sequence_token_budget, batch_size=args.batch_size,
                    attention_backend=args.backend, repeats=args.repeats,
                    items=SMOKE_ITEMS if args.smoke and args.items is None else args.items,
-                   compile=args.compile, profile=args.profile, graphs=args.graphs,
+                   compile=args.compile, profile=args.profile, graphs=args.graphs, fp8=args.fp8,
                    graph_budgets=tuple(args.graph_budgets or DEFAULT_BUDGETS), smoke=args.smoke, out=args.out,
                    checkpoint_dir=args.ckpt_dir)
 
@@ -126,7 +128,7 @@ def _model_shape(model: torch.nn.Module) -> dict:
         "hidden": model.hidden_size,
         "mlp": model.config.intermediate_size,
         "layers": model.num_hidden_layers,
-        "gated": isinstance(model.blocks[0].mlp, GatedMlp),
+        "gated": model.blocks[0].mlp.gated,
     }
 
 
@@ -228,6 +230,13 @@ class BenchResult:
     #: (median of the timed passes): host work the GPU waits for unless it is overlapped
     packs: int = 0
     host_prepare_ms: float | None = None
+    #: ``--fp8``: items/s of the FP8 model (its default layers), its ratio to packvit's bf16 default,
+    #: and its agreement with the bf16 model's outputs on the same items (mean token cosine, least
+    #: pooled cosine)
+    fp8_items_per_s: float | None = None
+    fp8_speedup_over_bf16: float | None = None
+    fp8_token_cosine_mean: float | None = None
+    fp8_pooled_cosine_min: float | None = None
 
 
 @dataclass
@@ -349,7 +358,31 @@ class _PackedRuns:
             result.compiled_mfu = flops / compiled_s / ceiling
         if settings.profile:
             self._profile(result, run_packed, shape, flops, sequence_lengths)
+        if settings.fp8:
+            self._fp8(result, packs)
         return result
+
+    def _fp8(self, result: BenchResult, packs: list[list[torch.Tensor]]) -> None:
+        """The FP8 model of the same checkpoint on the same packs: speed against the bf16 model's
+        default layers and agreement with its outputs."""
+        from ..metrics import compute_similarity_metrics
+
+        fp8 = self.adapter.load_packed(self.plan.checkpoint, self.device, "fp8")
+
+        def outputs(model):
+            return [out for pack in packs for out in self.adapter.run_packed(model, pack)]
+
+        with torch.inference_mode():
+            bf16_s = median_seconds(lambda: outputs(self.model), self.device, self.settings.repeats)
+            fp8_s = median_seconds(lambda: outputs(fp8), self.device, self.settings.repeats)
+            expected, got = outputs(self.model), outputs(fp8)
+        tokens = compute_similarity_metrics(torch.cat([o.tokens for o in got]), torch.cat([o.tokens for o in expected]))
+        result.fp8_items_per_s, result.fp8_speedup_over_bf16 = result.items / fp8_s, bf16_s / fp8_s
+        result.fp8_token_cosine_mean = tokens["mean_cosine"]
+        if expected[0].pooled is not None:
+            pooled = compute_similarity_metrics(torch.stack([o.pooled for o in got]), torch.stack([o.pooled for o in expected]))
+            result.fp8_pooled_cosine_min = pooled["min_cosine"]
+        del fp8
 
     def _time_throughput(self, run_packed) -> tuple[float, float | None]:
         """Median seconds of a pass with eager layers, and with compiled ones (``--compile``)."""
@@ -507,6 +540,17 @@ def _throughput_table(results: list[BenchResult], smoke: bool) -> list[str]:
     return lines
 
 
+def _fp8_table(results: list[BenchResult]) -> list[str]:
+    lines = ["FP8 (dtype='fp8', default layers) against packvit's bf16 default layers on the same packs",
+             "", "| model | workload | fp8 items/s | speed-up over bf16 | mean token cosine | least pooled cosine |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        pooled = f"{r.fp8_pooled_cosine_min:.5f}" if r.fp8_pooled_cosine_min is not None else "-"
+        lines.append(f"| {r.model} | {r.workload} | {r.fp8_items_per_s:.1f} | {r.fp8_speedup_over_bf16:.2f}x | "
+                     f"{r.fp8_token_cosine_mean:.5f} | {pooled} |")
+    return lines
+
+
 def _kernel_table(profiled: list[BenchResult]) -> list[str]:
     categories = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
     lines = [
@@ -562,6 +606,9 @@ def markdown_table(results: list[BenchResult], environment: dict, online: list[O
     profiled = [r for r in results if r.profile_ms]
     if profiled:
         sections.append(_kernel_table(profiled))
+    quantized = [r for r in results if r.fp8_items_per_s is not None]
+    if quantized:
+        sections.append(_fp8_table(quantized))
     if online:
         sections.append(_online_table(online, environment["smoke"], environment["repeats"]))
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
@@ -623,6 +670,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time packvit with compiled encoder layers (compile_layers=True)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one packvit pass per workload: kernel time per category and the matmul rate")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time packvit in FP8 (dtype='fp8') on the throughput workloads, against its bf16 default "
+                             "layers, with the agreement of its outputs (GPUs of compute capability 8.9 or later; the CPU "
+                             "in --smoke)")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the online workload with CUDA graphs (packvit.cuda_graphs.GraphedEncoder; CUDA only)")
     parser.add_argument("--graph_budgets", type=arguments.positive_int, nargs="+",

@@ -9,6 +9,8 @@ product's input quantisation, so the activation is read once and never written i
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -102,6 +104,9 @@ class Fp8Mlp(nn.Module):
     """``packvit.layers.Mlp`` in e4m3: ``fc2(act(fc1(x)))``, the activation applied inside fc2's
     input quantisation. Names as ``Mlp``'s (``fc1``, ``fc2``)."""
 
+    #: a gated MLP (three matrices of the MLP width, not two)
+    gated: ClassVar[bool] = False
+
     def __init__(self, fc1: Fp8Linear, fc2: Fp8Linear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
@@ -113,6 +118,9 @@ class Fp8Mlp(nn.Module):
 class Fp8GatedMlp(nn.Module):
     """``packvit.layers.GatedMlp`` in e4m3: ``down(act(gate) * up)`` with ``gate, up`` the halves
     of ``gate_up(x)``, the gating applied inside down's input quantisation. Names as ``GatedMlp``'s."""
+
+    #: a gated MLP (three matrices of the MLP width, not two)
+    gated: ClassVar[bool] = True
 
     def __init__(self, gate_up: Fp8Linear, down: Fp8Linear):
         super().__init__()
