@@ -281,6 +281,8 @@ def test_siglip2_preprocessor_config_is_honoured(images, tmp_path):
     assert processor.max_num_patches == 64
     assert_same_batch(processor(images), siglip2_preprocess(images, max_num_patches=64))
     assert load_processor(checkpoint(tmp_path, "siglip2", published), max_num_patches=128).max_num_patches == 128
+    # an override left None is unset: the checkpoint's cap holds (as for every argument left None)
+    assert load_processor(checkpoint(tmp_path, "siglip2", published), max_num_patches=None).max_num_patches == 64
 
 
 def test_dinov3_preprocessor_config_is_honoured(images, tmp_path):

@@ -421,7 +421,8 @@ def load_processor(source, **overrides) -> Processor:
 
     ``overrides`` replace the processor's defaults: ``max_num_patches``, ``native``, ``backend``
     (every family), ``image_size`` (DINOv3: an int or (height, width); OneVision: an int). An
-    unknown override, or a ``preprocessor_config.json`` field the family does not reproduce, is a
+    override given as ``None`` is left unset, so the checkpoint's own setting holds. An unknown
+    override, or a ``preprocessor_config.json`` field the family does not reproduce, is a
     ``ValueError`` naming it.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -438,6 +439,7 @@ def load_processor(source, **overrides) -> Processor:
         )
     cls = processor_class(family)
     cls.check_overrides(overrides)
+    overrides = {name: value for name, value in overrides.items() if value is not None}
     settings = PreprocessorSettings(fields, where, family)
     processor = cls.from_checkpoint(config, settings, **overrides)
     settings.finish()
