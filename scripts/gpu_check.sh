@@ -3,9 +3,11 @@
 #
 #   bash scripts/gpu_check.sh STAGE [STAGE ...] [-- extra arguments for the bench stage]
 #
-#   fa4-install     install FlashAttention 4: .fa4b/'s wheels first, then .fa4/'s CUDA library archive
-#                   over them (see ../shared/tools/fa4-carry.sh; the other order leaves a cutlass
-#                   package that pip --target skips: "No module named 'cutlass.cute'")
+#   fa4-extract     unpack .fa4/'s CUDA library archive (FlashAttention 4, see ../shared/tools/fa4-carry.sh)
+#                   to /opt/fa4libs, outside the working tree
+#   fa4-install     install .fa4b/'s wheels into /opt/fa4site, then copy /opt/fa4libs over them (the
+#                   other order leaves a cutlass package that pip --target skips: "No module named
+#                   'cutlass.cute'")
 #   info            versions and the attention backends usable there
 #   checkpoints     the full-size random checkpoints every full-size test and benchmark reads
 #   cpu-tests       the CPU suite under that machine's torch/transformers and torchvision (8 processes)
@@ -14,6 +16,7 @@
 #   training-tests  gradient parity (full size included), checkpointing, compiled training, no host sync
 #   graph-tests     the CUDA-graph mode's GPU tests
 #   vlm-tests       LFM2-VL with packvit's tower: its real processor, host synchronisations
+#   embed-tests     packvit embed on CUDA against the CPU, and the device path of the processors
 #   fp8-tests       FP8 inference: full-size parity and speed against bf16
 #   invariant-tests batch-invariant mode: full-size bit identity, its product against cuBLAS, cost and parity
 #   docs-tests      the README and docs snippets, GPU-only blocks included
@@ -22,11 +25,22 @@
 #   embed-bench     packvit bench --suite files (the `files` workload, end to end)
 #   vlm-bench       packvit bench --suite vlm (LFM2-VL's image features, transformers' tower and packvit's)
 #
-# FA4 needs two calls: one carrying .fa4 (any stages; .fa4 stays on the warm machine), then, while
-# the machine is warm, one carrying .fa4b that starts with `fa4-install`; later calls find it in
-# /opt/fa4site. Full-size random checkpoints go to $PACKVIT_CKPT_DIR, reused by later calls on the
-# machine. Logs and figures go to gpu_out/ (or $GPU_WORK); with $OUT set (the GPU machine's
-# returned folder) they are also packed into $OUT/gpu_results.tar.gz, with the summary beside it.
+# FA4 needs two calls (.fa4 and .fa4b exceed one call's carry): one carrying .fa4 that starts with
+# `fa4-extract` (a carried folder does not stay for the next call: its contents must leave the
+# tree), then, while the machine is warm, one carrying .fa4b that starts with `fa4-install`; later
+# calls find it in /opt/fa4site.
+#
+# Run on an H200 in this release (H200 figures in docs/gpu-run-2026-12-04/): checkpoints (44 s),
+# attention-tests (21 s without FA4), training-tests (131 s), model-tests (251 s), FA4's probe, its
+# forward and backward at head dims 64-128 and SigLIP2's full-size gradients with FA4 (142 s). Not
+# yet run, in the order it is worth: the FA4 pair with `attention-tests model-tests`, `graph-tests`
+# and `bench -- --workloads online` (the automatic graphs), `vlm-tests vlm-bench`, `embed-tests
+# embed-bench`, `fp8-tests`, `invariant-tests`, `train-bench`, `cpu-tests`, `bench -- --fp8`.
+#
+# Full-size random checkpoints go to $PACKVIT_CKPT_DIR, reused by later calls on the machine. Logs
+# and figures go to gpu_out/ (or $GPU_WORK; `GPU_WORK=$OUT` writes them straight to the GPU
+# machine's returned folder, which keeps what a call cut short had written); with $OUT set and
+# another work folder they are packed into $OUT/gpu_results.tar.gz, with the summary beside it.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
@@ -52,9 +66,11 @@ pytest_gpu() { $python -m pytest -q -m gpu -s -p no:cacheprovider "$@"; }
 
 for stage in "${stages[@]}"; do
   case $stage in
+    fa4-extract) mkdir -p /opt/fa4libs && tar -C /opt/fa4libs -xJf .fa4/libs_cu13.tar.xz \
+        && status+=("fa4-extract: done") || status+=("fa4-extract: FAILED") ;;
     fa4-install)
       $python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /opt/fa4site .fa4b/*.whl \
-        && tar -C /opt/fa4site -xJf .fa4/libs_cu13.tar.xz \
+        && cp -r /opt/fa4libs/. /opt/fa4site/ \
         && PYTHONPATH=$FA4_PATH $python -c "import flash_attn.cute" \
         && status+=("fa4-install: done") || status+=("fa4-install: FAILED")
       export PYTHONPATH=$FA4_PATH:src ;;
@@ -66,6 +82,7 @@ for stage in "${stages[@]}"; do
     training-tests) run training-tests pytest_gpu tests/test_training_gpu.py ;;
     graph-tests) run graph-tests pytest_gpu tests/test_cuda_graphs_gpu.py ;;
     vlm-tests) run vlm-tests pytest_gpu tests/test_vlm_transformers.py ;;
+    embed-tests) run embed-tests pytest_gpu tests/test_embed_gpu.py tests/test_preprocess_device_gpu.py ;;
     fp8-tests) run fp8-tests pytest_gpu tests/test_fp8_gpu.py ;;
     invariant-tests) run invariant-tests pytest_gpu tests/test_batch_invariant_gpu.py ;;
     docs-tests) run docs-tests $python -m pytest -q -s -p no:cacheprovider tests/test_docs.py ;;
