@@ -10,7 +10,7 @@ parity records in test_models_gpu.py's form (dtype ``fp8``), the speed records w
 
 import pytest
 import torch
-from figures import report
+from figures import compare, report
 
 from packvit.benchmarks.common import group_by_budget, median_seconds
 from packvit.benchmarks.workloads import workload_grids, workload_items
@@ -18,7 +18,6 @@ from packvit.fp8 import FP8, quantize_rows
 from packvit.fp8.quantize import ACTIVATION_CODES
 from packvit.harness import FAMILIES, get_adapter
 from packvit.layers import layers_compiled
-from packvit.metrics import compute_similarity_metrics
 from packvit.packing import PackedBatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -74,15 +73,6 @@ def run_passes(adapter, model, chunks) -> float:
 
     with torch.inference_mode():
         return median_seconds(run, CUDA, TIMED_PASSES)
-
-
-def compare(reference, packed):
-    tokens = compute_similarity_metrics(torch.cat([p.tokens for p in packed]), torch.cat([r.tokens for r in reference]))
-    first = compute_similarity_metrics(torch.stack([p.tokens[0] for p in packed]), torch.stack([r.tokens[0] for r in reference]))
-    pooled = None
-    if reference[0].pooled is not None:
-        pooled = compute_similarity_metrics(torch.stack([p.pooled for p in packed]), torch.stack([r.pooled for r in reference]))
-    return tokens, first, pooled
 
 
 @pytest.mark.parametrize("family", FAMILIES)

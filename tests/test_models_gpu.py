@@ -10,10 +10,9 @@ import os
 
 import pytest
 import torch
-from figures import report
+from figures import compare, report
 
 from packvit.benchmarks.workloads import workload_grids
-from packvit.metrics import compute_similarity_metrics
 from packvit.packing import PackedBatch
 from packvit.harness import FAMILIES, get_adapter
 
@@ -21,15 +20,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 POOLED_COSINE = {"siglip2": 0.999, "dinov3": 0.999, "aimv2": 0.999, "llava_vit": 0.9999}
 FLOAT32_ITEMS = 128  # float32 runs on the first items of the workload
-
-
-def compare(reference, packed):
-    tokens = compute_similarity_metrics(torch.cat([p.tokens for p in packed]), torch.cat([r.tokens for r in reference]))
-    first = compute_similarity_metrics(torch.stack([p.tokens[0] for p in packed]), torch.stack([r.tokens[0] for r in reference]))
-    pooled = None
-    if reference[0].pooled is not None:
-        pooled = compute_similarity_metrics(torch.stack([p.pooled for p in packed]), torch.stack([r.pooled for r in reference]))
-    return tokens, first, pooled
 
 
 def workloads_for(family):
