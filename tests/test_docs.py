@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_helpers import require_references
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -76,7 +77,7 @@ def command_lines(code: str) -> list[str]:
 def scratch(tmp_path_factory):
     """A folder with the pages' inputs, and the environment that finds their checkpoints offline."""
     pytest.importorskip("huggingface_hub")
-    pytest.importorskip("transformers")
+    require_references(*{family for family, _ in HUB_CHECKPOINTS.values()})  # their random checkpoints
     data = pytest.importorskip("skimage.data")
     from PIL import Image
 
