@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import packvit
 
@@ -119,9 +119,9 @@ def read_output(directory: Path) -> tuple[list[dict], np.ndarray]:
 
 
 def preprocess_alone(checkpoint: Path, image, max_num_patches: int = MAX_NUM_PATCHES):
-    """The checkpoint's own processor on one image (a path opened with its EXIF orientation, or PIL)."""
-    if isinstance(image, (str, Path)):
-        image = ImageOps.exif_transpose(Image.open(image))
+    """The checkpoint's own processor on one image: a file (a path or its bytes, which the processor
+    opens, upright, transparency by the reference's rule for files) or an image in memory (PIL)."""
+    image = str(image) if isinstance(image, Path) else image
     return packvit.load_processor(str(checkpoint))(images=[image], max_num_patches=max_num_patches, native=True)
 
 

@@ -154,13 +154,13 @@ def _embed_loader(encoder, processor, folder: Path, settings: FilesSettings) -> 
     from ..embed.sources import plan_inputs
 
     return make_loader(plan_inputs(str(folder)).tasks, processor, settings.patch_token_budget, DecodeOptions(),
-                       encoder.dtype, settings.workers, settings.device)
+                       settings.workers, settings.device)
 
 
 def _input_pass(settings: FilesSettings, encoder, processor, folder: Path) -> tuple[list, float]:
     """packvit's input pipeline alone (read, decode, preprocess, pack): its packs' batches and the seconds it took."""
     start = time.perf_counter()
-    batches = [pack.batch for pack in _embed_loader(encoder, processor, folder, settings) if pack.batch is not None]
+    batches = [encoder.pack_batch(pack) for pack in _embed_loader(encoder, processor, folder, settings) if pack.num_items]
     return batches, time.perf_counter() - start
 
 
@@ -183,8 +183,8 @@ def _pipeline_parts(settings: FilesSettings, checkpoint: Path, folder: Path) -> 
     from ..embed.preprocess import ProcessorSpec
 
     info = describe_checkpoint(str(checkpoint))
-    encoder = load_encoder(info, device=settings.device, dtype=settings.dtype)
     processor = ProcessorSpec(str(info.directory), info.family, True, settings.max_num_patches)
+    encoder = load_encoder(info, processor.build(), device=settings.device, dtype=settings.dtype)
     batches, input_seconds = _input_pass(settings, encoder, processor, folder)
     items = sum(batch.num_items for batch in batches)
     tokens = sum(batch.patches.shape[0] for batch in batches)  # patch tokens
