@@ -114,9 +114,7 @@ def decode(name: str, data: str | bytes, options: DecodeOptions = DecodeOptions(
     if kind is None:
         raise _unsupported(name)
     if kind == "image":
-        if not options.gpu:
-            return Decoded(file=data)
-        jpeg, data = read_jpeg(data, options.max_pixels)
+        jpeg = read_jpeg(data, options.max_pixels) if options.gpu else None
         return Decoded(jpeg=jpeg) if jpeg is not None else Decoded(file=data)
     try:
         frames, indices, _ = decode_video(data, options.num_frames)

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from ..preprocess import ImageReadError
+from ..preprocess import ImageReadError, open_image
 from ..preprocess.common import to_rgb_uint8
 from .layout import Row
 
@@ -143,33 +143,38 @@ def read_header(data: bytes, max_pixels: int | None) -> JpegHeader | None:
 
 @dataclass
 class JpegFile:
-    """One file of the GPU route: its bytes and its header."""
+    """One file of the GPU route: its bytes, its header, and its ``path`` (``None`` for a tar
+    member), which the CPU opener's messages name."""
 
     data: bytes
     header: JpegHeader
+    path: str | None = None
 
 
-def read_jpeg(data: str | bytes, max_pixels: int | None) -> tuple[JpegFile | None, str | bytes]:
-    """An image file (a path or its bytes) → ``(its JpegFile, or None where it takes the CPU
-    route; what the CPU route reads: the bytes once read, else the path)``."""
-    if isinstance(data, str):
+def read_jpeg(data: str | bytes, max_pixels: int | None) -> JpegFile | None:
+    """An image file (a path or its bytes) → its ``JpegFile``, or ``None`` where it takes the CPU
+    route (a file that cannot be read included: the CPU opener says why)."""
+    path = data if isinstance(data, str) else None
+    if path is not None:
         try:
-            with open(data, "rb") as handle:
+            with open(path, "rb") as handle:
                 data = handle.read()
-        except OSError:  # the CPU opener reports it
-            return None, data
+        except OSError:
+            return None
     header = read_header(data, max_pixels)
-    return (JpegFile(data, header) if header is not None else None), data
+    return JpegFile(data, header, path) if header is not None else None
 
 
 @dataclass
 class JpegFiles:
     """A pack's JPEG files: their bytes one after another in ``data`` (uint8 ``[total bytes]``, one
-    shared-memory block on its way from a worker), file ``i`` at ``offsets[i]:offsets[i + 1]``."""
+    shared-memory block on its way from a worker), file ``i`` at ``offsets[i]:offsets[i + 1]``,
+    with its header and path."""
 
     data: torch.Tensor
     offsets: list[int]
     headers: list[JpegHeader]
+    paths: list[str | None]
 
     @classmethod
     def join(cls, files: Sequence[JpegFile]) -> "JpegFiles":
@@ -177,7 +182,7 @@ class JpegFiles:
         for file in files:
             offsets.append(offsets[-1] + len(file.data))
         data = torch.frombuffer(bytearray().join(file.data for file in files), dtype=torch.uint8)
-        return cls(data, offsets, [file.header for file in files])
+        return cls(data, offsets, [file.header for file in files], [file.path for file in files])
 
     def __len__(self) -> int:
         return len(self.headers)
@@ -263,8 +268,9 @@ class JpegDecoder:
                 self.decoded += 1
                 continue
             self.cpu_fallbacks += 1
-            try:  # the CPU opener: upright, RGB, with its statuses
-                images.append(to_rgb_uint8(bytes(files[index].numpy()), "pil").to(self.device))
+            try:  # the CPU opener, upright, with its statuses and messages; a JPEG has no transparency to differ
+                opened = open_image(files[index].numpy().tobytes(), max_pixels=None, name=jpegs.paths[index])
+                images.append(to_rgb_uint8(opened, "pil").to(self.device))
             except ImageReadError as error:
                 row.status, row.error, row.grid = error.status, str(error), (0, 0, 0)
             except Exception as error:  # what the processor refuses on the CPU route

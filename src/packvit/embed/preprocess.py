@@ -82,7 +82,7 @@ def preprocess(source: SourceInput, decoded: Decoded, processor) -> tuple[InputR
             row.grid = processor.device_grid(*decoded.jpeg.header.upright_size)
             return InputResult(source.task, source.input_index, [row]), decoded.jpeg
         except ValueError:  # a size the processor refuses: the CPU route says why
-            decoded = Decoded(file=decoded.jpeg.data)
+            decoded = Decoded(file=decoded.jpeg.path or decoded.jpeg.data)
     if decoded.file is not None:
         rows, items = [row], _resize(processor, images=[decoded.file])
     elif decoded.clip is not None:
