@@ -209,7 +209,7 @@ def test_auto_is_the_cpu_without_cuda_and_gpu_is_refused_with_the_fix(checkpoint
     assert "--jpeg_draft must be a number of at least 1" in capsys.readouterr().err
 
 
-def test_a_folder_is_not_continued_with_the_other_decode_path(checkpoint, images, tmp_path, stand_in):
+def test_a_folder_is_not_continued_with_another_decode_path_or_file_rule(checkpoint, images, tmp_path, stand_in):
     output = tmp_path / "out"
     embed(checkpoint, images, output, decode="cpu", shard_size=10, **RUN)
     with pytest.raises(ValueError, match=r"other settings \(processor\.decode: 'cpu' → 'gpu'\).*--overwrite"):
@@ -221,6 +221,11 @@ def test_a_folder_is_not_continued_with_the_other_decode_path(checkpoint, images
     assert not embed(checkpoint, images, output, decode="cpu", shard_size=10, **RUN).missing_shards
     with pytest.raises(ValueError, match=r"processor\.decode: 'cpu' → 'gpu'"):
         embed(checkpoint, images, output, decode="gpu", shard_size=10, **RUN)
+    del manifest["settings"]["processor"]["transparency_of_files"]  # made when embed opened files itself
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"processor\.transparency_of_files: 'composited onto white, as an image in "
+                                         r"memory' → 'as the reference reads a file'"):
+        embed(checkpoint, images, output, decode="cpu", shard_size=10, **RUN)
 
 
 def test_jpeg_draft_is_recorded_and_changes_large_jpegs_little(checkpoint, tmp_path):

@@ -24,7 +24,7 @@ from .model import CheckpointInfo
 from .options import EmbedOptions
 from .sources import InputPlan
 
-__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "ADDED_SETTINGS", "RunStats", "Summary", "versions", "build_settings",
+__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "FILE_TRANSPARENCY", "ADDED_SETTINGS", "RunStats", "Summary", "versions", "build_settings",
            "settings_differences", "open_output", "summarize", "finish_manifest"]
 
 #: the manifest's layout; a folder of another format is not compared, only continued when it has no finished shard
@@ -47,13 +47,14 @@ def build_settings(info: CheckpointInfo, processor: dict, plan: InputPlan, given
     decides the outputs, ``batch_invariant: true`` when the model runs batch-invariant: absent
     otherwise, as in folders made before the mode existed), the processor as it runs
     (``processor``: its resolved settings) with the decode settings (``decode``: where JPEGs are
-    decoded, ``"cpu"`` or ``"gpu"``, whose embeddings differ slightly), the output format and the
-    resolved input. JSON values, as a manifest reads back."""
+    decoded, ``"cpu"`` or ``"gpu"``, whose embeddings differ slightly; what transparent files
+    become), the output format and the resolved input. JSON values, as a manifest reads back."""
     settings = {
         "model": {"checkpoint": info.checkpoint, "family": info.family, "dtype": str(model_dtype).replace("torch.", ""),
                   "files_sha256": info.file_hashes(), **({"batch_invariant": True} if batch_invariant else {})},
         "processor": {**processor, "max_pixels": options.max_pixels, "num_frames": options.num_frames,
-                      "videos": "clips" if info.takes_video else "frames as items", "decode": decode},
+                      "videos": "clips" if info.takes_video else "frames as items", "decode": decode,
+                      "transparency_of_files": FILE_TRANSPARENCY},
         "output": {"dtype": options.dtype, "normalize": options.normalize, "tokens": list(options.token_names),
                    "shard_size": options.shard_size},
         "input": {"given": list(given), "kind": plan.kind, "num_inputs": plan.num_inputs, "num_tasks": len(plan.tasks),
@@ -74,8 +75,12 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
 
 #: settings recorded for information, not compared (the same model or input may be named differently)
 NOT_COMPARED = ("model.checkpoint", "input.given")
+#: what a transparent image file becomes: the processor opens each file, as the reference reads a file
+#: (``packvit.preprocess.common``); before, the files were opened first and composited as images in memory
+FILE_TRANSPARENCY = "as the reference reads a file"
 #: settings added to this manifest format later, with the value a folder made before them was made with
-ADDED_SETTINGS = {"processor.decode": "cpu"}
+ADDED_SETTINGS = {"processor.decode": "cpu",
+                  "processor.transparency_of_files": "composited onto white, as an image in memory"}
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
