@@ -173,7 +173,7 @@ def test_the_decoder_falls_back_file_by_file_and_loses_no_input():
 
 def test_a_gpu_run_keeps_the_cpu_runs_rows_and_embeddings(checkpoint, images, tmp_path, stand_in):
     cpu = embed(checkpoint, images, tmp_path / "cpu", decode="cpu", **RUN)
-    gpu = embed(checkpoint, images, tmp_path / "gpu", decode="gpu", **RUN)
+    gpu = embed(checkpoint, images, tmp_path / "gpu", decode="gpu", **{**RUN, "workers": 1})  # files from a worker
     cpu_rows, cpu_embeddings = read_output(tmp_path / "cpu")
     gpu_rows, gpu_embeddings = read_output(tmp_path / "gpu")
     assert gpu_rows == cpu_rows, "every input, its status, message and grid, as the CPU route gives them"

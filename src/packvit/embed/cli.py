@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "GPU; other files on the CPU), cpu (the DataLoader workers), auto: the GPU where CUDA, "
                                "torchvision with nvJPEG and the processor's device path are there, else the CPU; recorded "
                                "in the manifest (default: %(default)s)")
-    decoding.add_argument("--jpeg_draft", type=float, default=defaults.jpeg_draft,
+    decoding.add_argument("--jpeg_draft", type=float, default=defaults.jpeg_draft, metavar="K",
                           help="decode a JPEG far larger than its resize target at a reduced scale (1/2, 1/4, 1/8 per "
                                "side) keeping at least K times the target per side: faster, slightly other pixels; CPU "
                                "decoding only; recorded in the manifest (default: off, JPEGs decoded in full)")

@@ -164,11 +164,7 @@ class Encoder:
             if pack.jpegs is not None:
                 parts += self._decoded_jpegs(pack)
             batch = None if not parts else parts[0] if len(parts) == 1 else PackedBatch.concat(parts)
-        if batch is not None and self._input_stream is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_stream(self._input_stream)
-            batch.patches.record_stream(compute)
-        return batch
+        return self._hand_over(batch)
 
     def _decoded_jpegs(self, pack: Pack) -> list[PackedBatch]:
         """The pack's JPEGs decoded upright on the device and preprocessed there: ``[]`` or one batch,
@@ -189,14 +185,21 @@ class Encoder:
         """The format of the outputs, from one forward of ``probe`` (also a warm-up)."""
         with self._on_input_stream():
             moved = probe.to(self.device)
-        if self._input_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._input_stream)
-        pooled, tokens = self.forward(moved)
+        pooled, tokens = self.forward(self._hand_over(moved))
         token_dim = next((value.shape[-1] for value in tokens.values()), None)
         return OutputFormat(pooled.shape[-1], self.output_dtype, self.token_names, token_dim)
 
     def _on_input_stream(self):
         return torch.cuda.stream(self._input_stream) if self._input_stream is not None else contextlib.nullcontext()
+
+    def _hand_over(self, batch: PackedBatch | None) -> PackedBatch | None:
+        """A batch made on the input stream, made safe to use on the compute stream (on CUDA: the
+        compute stream waits for it, and its patches' memory is kept until the compute stream is done)."""
+        if batch is not None and self._input_stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self._input_stream)
+            batch.patches.record_stream(compute)
+        return batch
 
 
 def load_encoder(info: CheckpointInfo, processor=None, jpeg_decoder: JpegDecoder | None = None, *, device=None,
