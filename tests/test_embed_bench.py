@@ -59,9 +59,9 @@ def test_the_gpu_route_stages_run_with_a_stand_in_decoder(tmp_path, monkeypatch)
     from packvit.benchmarks import files as bench_files
     from packvit.embed import gpu_decode
     from packvit.preprocess.siglip2 import Siglip2Processor
-    from test_embed_gpu_route import pil_stand_in
+    from test_embed_support import pil_stand_in
 
-    monkeypatch.setattr(gpu_decode, "nvjpeg_decode", lambda data, device: pil_stand_in(data))
+    monkeypatch.setattr(gpu_decode, "nvjpeg_decode", pil_stand_in)
     paths = write_files(tmp_path / "files", 6, seed=0)
     settings = bench_files.FilesSettings(device=torch.device("cpu"), workers=0, work_dir=tmp_path, out=tmp_path,
                                          size="tiny", patch_token_budget=512, profile_files=6)

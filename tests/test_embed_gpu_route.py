@@ -22,7 +22,7 @@ from packvit.preprocess.aimv2 import AIMv2Processor
 from packvit.preprocess.dinov3 import DINOv3Processor
 from packvit.preprocess.llava_vit import LlavaViTProcessor
 from packvit.preprocess.siglip2 import Siglip2Processor
-from test_embed_support import MAX_NUM_PATCHES, random_checkpoint, read_output, write_image_folder
+from test_embed_support import MAX_NUM_PATCHES, pil_stand_in, random_checkpoint, read_output, write_image_folder
 
 pytest.importorskip("pyarrow")
 skimage_data = pytest.importorskip("skimage.data")
@@ -49,16 +49,6 @@ def _without_segment(data: bytes, marker: int) -> bytes:
             kept += data[position: position + 2 + length]
         position += 2 + length
     return bytes(kept + data[position:])
-
-
-def pil_stand_in(files: list[torch.Tensor], device=None) -> list[torch.Tensor]:
-    """nvJPEG's part played by PIL: the same bytes → uint8 RGB [3, H, W] as stored (no EXIF
-    orientation applied, as nvJPEG applies none); raises for the whole batch where one file fails."""
-    decoded = []
-    for file in files:
-        with Image.open(io.BytesIO(file.numpy().tobytes())) as image:
-            decoded.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
-    return decoded
 
 
 @pytest.fixture

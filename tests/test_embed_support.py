@@ -1,5 +1,6 @@
 """What the ``packvit embed`` tests share: a random checkpoint, a folder of good and bad images,
-reading an output folder back, and the model called directly on one image (no tests here)."""
+reading an output folder back, the model called directly on one image, and PIL standing in for
+nvJPEG (no tests here)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,14 @@ def embed_alone(model, checkpoint: Path, image, max_num_patches: int = MAX_NUM_P
     """The model called directly on one image: ``(output, batch)``."""
     batch = preprocess_alone(checkpoint, image, max_num_patches)
     return model(batch, **forward), batch
+
+
+def pil_stand_in(files: list[torch.Tensor], device=None) -> list[torch.Tensor]:
+    """nvJPEG's part played by PIL (``gpu_decode.nvjpeg_decode``'s signature): JPEG files, uint8
+    ``[bytes]`` → uint8 RGB ``[3, H, W]`` as stored (no EXIF orientation applied, as nvJPEG applies
+    none); raises for the whole batch where one file fails, as nvJPEG does."""
+    decoded = []
+    for file in files:
+        with Image.open(io.BytesIO(file.numpy().tobytes())) as image:
+            decoded.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+    return decoded
