@@ -4,9 +4,8 @@ The workers send uint8: each pack's pixels as the processor's first stage leaves
 float32's bytes), and on the GPU route its JPEG files; the main process normalises or decodes them
 on the model's device (``model.Encoder``). Chunks are dealt to workers round-robin (chunk ``i`` to
 worker ``i % num_workers``), so every worker starts on the first task and tasks finish roughly in
-order. Every input becomes an ``InputResult``
-(its rows and, when it decodes, its items); nothing a file does stops the worker. ``make_loader`` is
-the one DataLoader of a run (and of its benchmark).
+order. Every input becomes an ``InputResult`` (its rows and, when it decodes, its items); nothing a
+file does stops the worker. ``make_loader`` is the one DataLoader of a run (and of its benchmark).
 """
 
 from __future__ import annotations

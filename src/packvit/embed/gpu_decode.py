@@ -39,6 +39,9 @@ _BASELINE = 0xC0
 #: start-of-frame markers of the other JPEG processes (extended, progressive, lossless, hierarchical, arithmetic)
 _OTHER_FRAMES = frozenset(range(0xC1, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _START_OF_SCAN = 0xDA
+#: markers without a length (a second start of image, the restarts, end of image, TEM): not in a
+#: header the GPU route takes
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})
 _EXIF = b"Exif\0\0"
 _XMP = b"http://ns.adobe.com/xap/1.0/\0"
 _ORIENTATION_TAG = 0x0112
@@ -63,7 +66,8 @@ class JpegHeader:
     @property
     def upright_size(self) -> tuple[int, int]:
         """(height, width) once turned upright: swapped by the orientations that transpose."""
-        return (self.width, self.height) if ORIENTATIONS.get(self.orientation, (False,))[0] else (self.height, self.width)
+        transposed = ORIENTATIONS.get(self.orientation, (False,))[0]
+        return (self.width, self.height) if transposed else (self.height, self.width)
 
 
 def _u16(data: bytes, at: int, order: str = "big") -> int:
@@ -109,6 +113,8 @@ def read_header(data: bytes, max_pixels: int | None) -> JpegHeader | None:
             if position + 4 > len(data):
                 return None
         marker, length = data[position + 1], _u16(data, position + 2)
+        if marker in _STANDALONE:
+            return None
         segment = data[position + 4: position + 2 + length]
         if length < 2 or len(segment) != length - 2:
             return None
@@ -223,8 +229,8 @@ def gpu_decode_unavailable(device: torch.device) -> str | None:
     try:
         import torchvision
     except ImportError:
-        return ("torchvision is not installed (the GPU route decodes with torchvision.io.decode_jpeg on nvJPEG; install "
-                "the torchvision build that matches this torch)")
+        return ("torchvision is not installed (the GPU route decodes with torchvision.io.decode_jpeg on nvJPEG; "
+                "install the torchvision build that matches this torch)")
     try:
         decoded = nvjpeg_decode([_probe_jpeg()], device)
     except Exception as error:  # not built with nvJPEG, no nvJPEG library, a device it cannot use

@@ -24,8 +24,8 @@ from .model import CheckpointInfo
 from .options import EmbedOptions
 from .sources import InputPlan
 
-__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "FILE_TRANSPARENCY", "ADDED_SETTINGS", "RunStats", "Summary", "versions", "build_settings",
-           "settings_differences", "open_output", "summarize", "finish_manifest"]
+__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "FILE_TRANSPARENCY", "ADDED_SETTINGS", "RunStats", "Summary", "versions",
+           "build_settings", "settings_differences", "open_output", "summarize", "finish_manifest"]
 
 #: the manifest's layout; a folder of another format is not compared, only continued when it has no finished shard
 MANIFEST_FORMAT = "packvit-embed/2"
