@@ -107,6 +107,7 @@ def test_the_header_gives_the_stored_size_the_orientation_and_the_route():
         "progressive": _jpeg(photo, progressive=True), "CMYK": cmyk.getvalue(), "RGB-coded": _jpeg(photo, keep_rgb=True),
         "PNG": png.getvalue(), "truncated": _jpeg(photo)[:-400], "empty": b"", "orientation in XMP": xmp,
         "a broken EXIF block": _jpeg(photo, 6).replace(b"Exif\0\0MM", b"Exif\0\0XX").replace(b"Exif\0\0II", b"Exif\0\0XX"),
+        "a marker without a length": _jpeg(photo)[:2] + b"\xff\xd8" + _jpeg(photo)[2:],
     }
     for kind, data in not_for_the_gpu.items():
         assert read_header(data, None) is None, kind
