@@ -86,6 +86,26 @@ def test_the_default_cuda_run_in_bfloat16_keeps_the_rows_and_directions(tmp_path
     assert _cosine(cuda[ok].astype(np.float32), cpu[ok].astype(np.float32)).min() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_workers_uint8_normalised_on_the_gpu_is_the_processors_output_bit_for_bit(tmp_path, dtype):
+    checkpoint = random_checkpoint(tmp_path / "checkpoint")
+    images = write_image_folder(tmp_path / "images")
+    spec = ProcessorSpec(str(checkpoint), "siglip2", True, MAX_NUM_PATCHES)
+    processor = spec.build()
+    encoder = load_encoder(describe_checkpoint(str(checkpoint)), processor, device="cuda", dtype=dtype)
+    checked = 0
+    for pack in make_loader(plan_inputs(str(images)).tasks, spec, 4 * MAX_NUM_PATCHES, DecodeOptions(), 2,
+                            torch.device("cuda")):
+        files = [result.rows[0].image_path for result in pack.inputs if result.ok_rows]
+        if not files:
+            continue
+        batch = encoder.pack_batch(pack)
+        expected = processor(images=files).patches.to(dtype)  # normalised on the CPU, as the workers did before
+        assert batch.patches.dtype == dtype and torch.equal(batch.patches.cpu(), expected), files
+        checked += len(files)
+    assert checked == len(GOOD)
+
+
 def test_auto_decodes_jpegs_on_the_gpu_and_keeps_every_row(tmp_path):
     _needs_nvjpeg()
     checkpoint = random_checkpoint(tmp_path / "checkpoint")
