@@ -15,6 +15,10 @@ import torch
 import packvit
 from packvit.embed import embed
 from packvit.embed.cli import main as embed_main
+from packvit.embed.dataset import make_loader
+from packvit.embed.decode import DecodeOptions
+from packvit.embed.model import Encoder
+from packvit.embed.preprocess import ProcessorSpec
 from packvit.embed.sources import expand_braces, list_folder, plan_inputs
 from test_embed_support import BAD, FOLDER_BAD, GOOD, MAX_NUM_PATCHES, embed_alone, random_checkpoint, read_output, write_image_folder
 
@@ -95,6 +99,26 @@ def test_folder_one_row_per_input_and_embeddings_equal_the_model_alone(folder_ru
     assert summary.ok == len(GOOD) and summary.failed == len(FOLDER_BAD)
     assert summary.by_status["decode_error"] == 2 and summary.missing_shards == []
     assert summary.skipped == {".heic": 1}, "a file that is not an image or video is not an input of a folder"
+
+
+def test_workers_send_uint8_that_the_main_process_normalises_as_the_processor_does(checkpoint, model, images):
+    spec = ProcessorSpec(str(checkpoint), "siglip2", True, MAX_NUM_PATCHES)
+    processor = spec.build()
+    encoder = Encoder(model, processor)
+    packs = list(make_loader(plan_inputs(images).tasks, spec, 4 * MAX_NUM_PATCHES, DecodeOptions(), workers=0,
+                             device=torch.device("cpu")))
+    assert len(packs) > 2 and sum(pack.num_items for pack in packs) == len(GOOD)
+    for pack in packs:
+        files = [result.rows[0].image_path for result in pack.inputs if result.ok_rows]  # the pack's items, in order
+        if not files:
+            assert pack.pixels is None and encoder.pack_batch(pack) is None
+            continue
+        assert pack.pixels.pixels.dtype == torch.uint8 and pack.jpegs is None
+        expected = processor(images=files)  # what the workers sent before: normalised float32 patches
+        batch = encoder.pack_batch(pack)
+        assert torch.equal(batch.patches, expected.patches) and torch.equal(batch.grid_thw, expected.grid_thw)
+        cast = processor.normalize(pack.pixels, dtype=torch.bfloat16)
+        assert torch.equal(cast.patches, expected.patches.to(torch.bfloat16)), "the model's dtype: float32's values cast"
 
 
 def test_summary_manifest_and_failures_file(folder_run, images):

@@ -1,5 +1,6 @@
 """What the ``packvit embed`` tests share: a random checkpoint, a folder of good and bad images,
-reading an output folder back, and the model called directly on one image (no tests here)."""
+reading an output folder back, the model called directly on one image, and PIL standing in for
+nvJPEG (no tests here)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import packvit
 
@@ -119,9 +120,9 @@ def read_output(directory: Path) -> tuple[list[dict], np.ndarray]:
 
 
 def preprocess_alone(checkpoint: Path, image, max_num_patches: int = MAX_NUM_PATCHES):
-    """The checkpoint's own processor on one image (a path opened with its EXIF orientation, or PIL)."""
-    if isinstance(image, (str, Path)):
-        image = ImageOps.exif_transpose(Image.open(image))
+    """The checkpoint's own processor on one image: a file (a path or its bytes, which the processor
+    opens, upright, transparency by the reference's rule for files) or an image in memory (PIL)."""
+    image = str(image) if isinstance(image, Path) else image
     return packvit.load_processor(str(checkpoint))(images=[image], max_num_patches=max_num_patches, native=True)
 
 
@@ -130,3 +131,14 @@ def embed_alone(model, checkpoint: Path, image, max_num_patches: int = MAX_NUM_P
     """The model called directly on one image: ``(output, batch)``."""
     batch = preprocess_alone(checkpoint, image, max_num_patches)
     return model(batch, **forward), batch
+
+
+def pil_stand_in(files: list[torch.Tensor], device=None) -> list[torch.Tensor]:
+    """nvJPEG's part played by PIL (``gpu_decode.nvjpeg_decode``'s signature): JPEG files, uint8
+    ``[bytes]`` → uint8 RGB ``[3, H, W]`` as stored (no EXIF orientation applied, as nvJPEG applies
+    none); raises for the whole batch where one file fails, as nvJPEG does."""
+    decoded = []
+    for file in files:
+        with Image.open(io.BytesIO(file.numpy().tobytes())) as image:
+            decoded.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+    return decoded

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from .options import OUTPUT_DTYPES, WORKERS_RULE, EmbedOptions
+from .options import DECODE_CHOICES, OUTPUT_DTYPES, WORKERS_RULE, EmbedOptions
 from .run import embed
 
 __all__ = ["add_arguments", "run", "main"]
@@ -48,6 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="frames sampled per video (default: %(default)s)")
     resolution.add_argument("--max_pixels", type=int, default=defaults.max_pixels,
                             help="images with more pixels are recorded as too_large (default: %(default)s, Pillow's limit)")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--decode", choices=DECODE_CHOICES, default=defaults.decode,
+                          help="where JPEGs are decoded: gpu (nvJPEG through torchvision, in batches, then resized on the "
+                               "GPU; other files on the CPU), cpu (the DataLoader workers), auto: the GPU where CUDA, "
+                               "torchvision with nvJPEG and the processor's device path are there, else the CPU; recorded "
+                               "in the manifest (default: %(default)s)")
+    decoding.add_argument("--jpeg_draft", type=float, default=defaults.jpeg_draft, metavar="K",
+                          help="decode a JPEG far larger than its resize target at a reduced scale (1/2, 1/4, 1/8 per "
+                               "side) keeping at least K times the target per side: faster, slightly other pixels; CPU "
+                               "decoding only; recorded in the manifest (default: off, JPEGs decoded in full)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--dtype", choices=OUTPUT_DTYPES, default=defaults.dtype,
                      help="dtype of the stored embeddings and tokens (default: %(default)s)")

@@ -1,8 +1,15 @@
-"""The decode stage: one input's name and data → ``Decoded`` (a PIL image, or a video's frames).
+"""The decode stage: one input's name and data → ``Decoded``, what the preprocess stage takes.
 
-The media kind comes from the name's extension (``media_kind``). Every way an input can fail raises
-``InputError(status, message)``, whose ``status`` is what the metadata row records: ``unreadable``,
-``empty``, ``unsupported``, ``not_an_image``, ``too_large``, ``decode_error`` (and, from the reader,
+The media kind comes from the name's extension (``media_kind``). An image stays its file (a path
+or the bytes of a tar member): the processor opens it (``packvit.preprocess.open_image``, the
+package's one opener: fully decoded, upright by its EXIF orientation), so a file is read as the
+reference reads a file, transparency included. On the GPU route (``DecodeOptions.gpu``) a JPEG
+nvJPEG can take becomes its bytes and parsed header instead (``gpu_decode.read_jpeg``), decoded in
+the main process. A video becomes its sampled frames (PyAV).
+
+Every way an input can fail raises ``InputError(status, message)``, whose ``status`` is what the
+metadata row records: ``unreadable``, ``empty``, ``unsupported``, ``not_an_image``, ``too_large``,
+``decode_error`` (an image's from the opener's ``ImageReadError``; and, from the reader,
 ``no_image``; from preprocessing, ``preprocess_error``).
 """
 
@@ -10,13 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .._optional import require
+from ..preprocess.reading import DEFAULT_MAX_PIXELS
+from .gpu_decode import JpegFile, read_jpeg
 
 __all__ = [
     "STATUSES",
@@ -28,8 +36,6 @@ __all__ = [
     "DecodeOptions",
     "Decoded",
     "decode",
-    "read_file",
-    "open_image",
     "require_av",
     "decode_video",
     "sample_frame_indices",
@@ -37,8 +43,6 @@ __all__ = [
 
 STATUSES = ("ok", "unreadable", "empty", "unsupported", "no_image", "not_an_image", "too_large", "decode_error",
             "preprocess_error")
-#: Pillow's own decompression-bomb limit (pixels)
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi"})
 
@@ -66,18 +70,23 @@ class InputError(Exception):
 @dataclass(frozen=True)
 class DecodeOptions:
     """``max_pixels``: larger images are ``too_large``; ``num_frames`` sampled per video;
-    ``video_as_item``: a video is one item (a model that takes videos) rather than its frames as items."""
+    ``video_as_item``: a video is one item (a model that takes videos) rather than its frames as
+    items; ``gpu``: JPEGs nvJPEG can take go to the main process's GPU decode."""
 
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     num_frames: int = 16
     video_as_item: bool = False
+    gpu: bool = False
 
 
 @dataclass
 class Decoded:
-    """A decoded input: ``images`` (one image, or a video's sampled frames, ``frame_indices`` saying
-    which), or ``clip``, a video's sampled frames as one item."""
+    """A decoded input, one of: ``file``, an image file (its path or bytes) for the processor to
+    open; ``jpeg``, a JPEG of the GPU route; ``images``, a video's sampled frames (``frame_indices``
+    saying which); ``clip``, a video's sampled frames as one item."""
 
+    file: str | bytes | None = None
+    jpeg: JpegFile | None = None
     images: list[Image.Image] | None = None
     frame_indices: list[int] | None = None
     clip: list[Image.Image] | None = None
@@ -85,45 +94,6 @@ class Decoded:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def read_file(path: str) -> bytes:
-    """The bytes of a file; ``unreadable`` or ``empty`` errors."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
-        raise InputError("unreadable", _describe(error)) from None
-    if not data:
-        raise InputError("empty", "the file has zero bytes")
-    return data
-
-
-def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes → a fully decoded PIL image with its EXIF orientation applied."""
-    if not data:
-        raise InputError("empty", "zero bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise InputError("not_an_image", f"not an image format Pillow reads (first bytes {data[:8]!r})") from None
-        except Image.DecompressionBombError as error:
-            raise InputError("too_large", _describe(error)) from None
-        except Exception as error:  # Pillow's plugins raise many types for malformed headers
-            raise InputError("decode_error", _describe(error)) from None
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise InputError("too_large", f"{width}x{height} = {width * height} pixels, more than --max_pixels {max_pixels}")
-        if width == 0 or height == 0:
-            raise InputError("decode_error", f"the image is {width}x{height} pixels")
-        try:
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            return image
-        except Exception as error:
-            raise InputError("decode_error", _describe(error)) from None
 
 
 def require_av():
@@ -144,7 +114,8 @@ def decode(name: str, data: str | bytes, options: DecodeOptions = DecodeOptions(
     if kind is None:
         raise _unsupported(name)
     if kind == "image":
-        return Decoded(images=[open_image(read_file(data) if isinstance(data, str) else data, options.max_pixels)])
+        jpeg = read_jpeg(data, options.max_pixels) if options.gpu else None
+        return Decoded(jpeg=jpeg) if jpeg is not None else Decoded(file=data)
     try:
         frames, indices, _ = decode_video(data, options.num_frames)
     except ImportError as error:

@@ -24,8 +24,8 @@ from .model import CheckpointInfo
 from .options import EmbedOptions
 from .sources import InputPlan
 
-__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "RunStats", "Summary", "versions", "build_settings",
-           "settings_differences", "open_output", "summarize", "finish_manifest"]
+__all__ = ["MANIFEST_FORMAT", "NOT_COMPARED", "FILE_TRANSPARENCY", "ADDED_SETTINGS", "RunStats", "Summary", "versions",
+           "build_settings", "settings_differences", "open_output", "summarize", "finish_manifest"]
 
 #: the manifest's layout; a folder of another format is not compared, only continued when it has no finished shard
 MANIFEST_FORMAT = "packvit-embed/2"
@@ -42,17 +42,19 @@ def versions() -> dict[str, str]:
 
 
 def build_settings(info: CheckpointInfo, processor: dict, plan: InputPlan, given: Sequence[str], options: EmbedOptions,
-                   model_dtype: torch.dtype, batch_invariant: bool = False) -> dict:
+                   model_dtype: torch.dtype, batch_invariant: bool = False, decode: str = "cpu") -> dict:
     """The ``settings`` block of a run: the model (family, compute dtype, a SHA-256 of every file that
     decides the outputs, ``batch_invariant: true`` when the model runs batch-invariant: absent
     otherwise, as in folders made before the mode existed), the processor as it runs
-    (``processor``: its resolved settings) with the decode settings, the output format and the
-    resolved input. JSON values, as a manifest reads back."""
+    (``processor``: its resolved settings) with the decode settings (``decode``: where JPEGs are
+    decoded, ``"cpu"`` or ``"gpu"``, whose embeddings differ slightly; what transparent files
+    become), the output format and the resolved input. JSON values, as a manifest reads back."""
     settings = {
         "model": {"checkpoint": info.checkpoint, "family": info.family, "dtype": str(model_dtype).replace("torch.", ""),
                   "files_sha256": info.file_hashes(), **({"batch_invariant": True} if batch_invariant else {})},
         "processor": {**processor, "max_pixels": options.max_pixels, "num_frames": options.num_frames,
-                      "videos": "clips" if info.takes_video else "frames as items"},
+                      "videos": "clips" if info.takes_video else "frames as items", "decode": decode,
+                      "transparency_of_files": FILE_TRANSPARENCY},
         "output": {"dtype": options.dtype, "normalize": options.normalize, "tokens": list(options.token_names),
                    "shard_size": options.shard_size},
         "input": {"given": list(given), "kind": plan.kind, "num_inputs": plan.num_inputs, "num_tasks": len(plan.tasks),
@@ -73,11 +75,18 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, object]:
 
 #: settings recorded for information, not compared (the same model or input may be named differently)
 NOT_COMPARED = ("model.checkpoint", "input.given")
+#: what a transparent image file becomes: the processor opens each file, as the reference reads a file
+#: (``packvit.preprocess.common``); before, the files were opened first and composited as images in memory
+FILE_TRANSPARENCY = "as the reference reads a file"
+#: settings added to this manifest format later, with the value a folder made before them was made with
+ADDED_SETTINGS = {"processor.decode": "cpu",
+                  "processor.transparency_of_files": "composited onto white, as an image in memory"}
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
-    """``"key: old → new"`` for each compared setting that differs."""
-    old_flat, new_flat = _flatten(old), _flatten(new)
+    """``"key: old → new"`` for each compared setting that differs (a folder's settings lacking one
+    of ``ADDED_SETTINGS`` were made with its value)."""
+    old_flat, new_flat = {**ADDED_SETTINGS, **_flatten(old)}, _flatten(new)
     keys = sorted((old_flat.keys() | new_flat.keys()) - set(NOT_COMPARED))
     return [f"{key}: {old_flat.get(key)!r} → {new_flat.get(key)!r}" for key in keys if old_flat.get(key) != new_flat.get(key)]
 
@@ -147,9 +156,14 @@ def _now() -> str:
 @dataclass
 class RunStats:
     """Where one process's run went: seconds in all, waiting for the DataLoader workers and waiting
-    to hand packs to the writer; inputs, items and patch tokens it encoded; its worker count."""
+    to hand packs to the writer; inputs, items and patch tokens it encoded; its worker count; where
+    it decoded JPEGs (``decode``) and, on the GPU route, the files decoded on the device and those
+    the device refused, decoded by the CPU opener."""
 
     workers: int = 0
+    decode: str = "cpu"
+    gpu_decoded: int = 0
+    gpu_fallbacks: int = 0
     wall_s: float = 0.0
     data_wait_s: float = 0.0
     writer_wait_s: float = 0.0

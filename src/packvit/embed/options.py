@@ -9,10 +9,12 @@ import torch
 
 from .decode import DEFAULT_MAX_PIXELS
 
-__all__ = ["OUTPUT_DTYPES", "WORKERS_RULE", "EmbedOptions", "default_workers"]
+__all__ = ["OUTPUT_DTYPES", "DECODE_CHOICES", "WORKERS_RULE", "EmbedOptions", "default_workers"]
 
 #: the dtypes the embeddings and tokens can be stored in
 OUTPUT_DTYPES = ("float16", "float32")
+#: where JPEGs are decoded: ``auto`` (the GPU where it can: ``run.resolve_decode``), the CPU workers, or the GPU
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class EmbedOptions:
     num_frames: int = 16
     path_column: str | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    decode: str = "auto"
+    jpeg_draft: float | None = None
     device: str | None = None
     model_dtype: str | None = None
     batch_invariant: bool = False
@@ -50,6 +54,15 @@ class EmbedOptions:
             raise ValueError(f"--shard_size must be at least 1, got {self.shard_size}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}")
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"--decode must be one of {list(DECODE_CHOICES)}, got {self.decode!r}")
+        if self.jpeg_draft is not None and (isinstance(self.jpeg_draft, bool) or not isinstance(self.jpeg_draft, (int, float))
+                                            or not self.jpeg_draft >= 1):
+            raise ValueError(f"--jpeg_draft must be a number of at least 1 (the times the resize target a reduced JPEG "
+                             f"decode keeps per side, e.g. 2), got {self.jpeg_draft!r}")
+        if self.jpeg_draft is not None and self.decode == "gpu":
+            raise ValueError("--jpeg_draft reduces the CPU's JPEG decoding; nvJPEG (--decode gpu) decodes in full: pass "
+                             "one of them")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

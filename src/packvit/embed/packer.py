@@ -1,11 +1,14 @@
 """The pack stage: inputs → packs of at most a token budget, and the pack's outputs → back per input.
 
 An input gives one or more rows (an image: one; a clip cut into frames: one per frame; a failed
-input: one error row) and, for its ``ok`` rows, one packed item each. ``Packer`` joins inputs in the
-order they come until the next would overflow the budget (``packing.GreedyPacker``); an input is
-never split across packs, and one larger than the budget travels alone. The layout of a pack is
-stated once, here: **the pack's items are the ok rows of its inputs, input after input, in row
-order**; ``Packer._take`` builds it and ``Pack.split`` is its inverse.
+input: one error row) and, for its ``ok`` rows, its items: the uint8 ``PixelBatch`` of the
+processor's first stage (one item per ok row), or, on the GPU route, its ``JpegFile`` (one row, one
+item, decoded in the main process). ``Packer`` joins inputs in the order they come until the next
+would overflow the budget (``packing.GreedyPacker``); an input is never split across packs, and
+one larger than the budget travels alone. The layout of a pack is stated once, here: **the pack's
+items are the ok rows of its inputs, input after input, in row order, the inputs with pixels
+first, then those with JPEG files** (the writer places each input by its index, not its place in
+the pack); ``Packer._take`` builds it and ``Pack.split`` is its inverse.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Mapping
 
 import torch
 
-from ..packing import GreedyPacker, PackedBatch
+from ..packing import GreedyPacker
+from ..preprocess import PixelBatch
+from .gpu_decode import JpegFile, JpegFiles
 from .layout import Row
 
 __all__ = ["InputResult", "InputOutputs", "HostOutputs", "Pack", "Packer"]
@@ -69,32 +74,41 @@ class HostOutputs:
 
 @dataclass
 class Pack:
-    """What a DataLoader worker yields: the packed items of several inputs, and their results.
+    """What a DataLoader worker yields: the items of several inputs, and their results.
 
-    ``batch`` holds the ok rows' items of ``inputs``, input after input (``None`` when no row is
-    ok); ``tar_sizes`` the input count of each tar task read to its end.
+    ``pixels`` holds the uint8 items of the inputs decoded on the CPU, ``jpegs`` the files of
+    the GPU route's inputs (``None`` where there are none), in the order of ``inputs`` (module
+    docstring); ``tar_sizes`` the input count of each tar task read to its end.
     """
 
-    batch: PackedBatch | None
+    pixels: PixelBatch | None
+    jpegs: JpegFiles | None
     inputs: list[InputResult]
     tar_sizes: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
-        return 0 if self.batch is None else self.batch.patches.shape[0]
+        """Patch tokens of the pack's ok rows."""
+        return sum(result.num_tokens for result in self.inputs)
 
     @property
     def num_items(self) -> int:
-        return 0 if self.batch is None else self.batch.num_items
+        return sum(len(result.ok_rows) for result in self.inputs)
 
     @property
     def num_inputs(self) -> int:
         return len(self.inputs)
 
+    @property
+    def jpeg_rows(self) -> list[Row]:
+        """The row of each file of ``jpegs``, in order (a row that failed in the main process included)."""
+        return [result.rows[0] for result in self.inputs[len(self.inputs) - len(self.jpegs or ()):]]
+
     def pin_memory(self) -> "Pack":
-        """The pack with its patches in pinned memory (called by the DataLoader's pinning thread)."""
-        batch = self.batch.pin_memory() if self.batch is not None else None
-        return Pack(batch, self.inputs, self.tar_sizes)
+        """The pack with its pixels in pinned memory (called by the DataLoader's pinning thread;
+        nvJPEG reads the JPEG files from any host memory)."""
+        pixels = self.pixels.pin_memory() if self.pixels is not None else None
+        return Pack(pixels, self.jpegs, self.inputs, self.tar_sizes)
 
     def split(self, pooled, tokens: Mapping[str, object]) -> list[InputOutputs]:
         """The pack's outputs, ``pooled [num_items, D]`` and ``tokens {name: [num_tokens, D]}`` (numpy
@@ -110,24 +124,28 @@ class Pack:
 
 
 class Packer:
-    """Packs inputs in arrival order to at most ``token_budget`` patch tokens per pack, patches cast
-    to ``patch_dtype`` (``None``: kept as the processor made them)."""
+    """Packs inputs in arrival order to at most ``token_budget`` patch tokens per pack."""
 
-    def __init__(self, token_budget: int, patch_dtype: torch.dtype | None = None):
+    def __init__(self, token_budget: int):
         self.budget = GreedyPacker(token_budget)
-        self.patch_dtype = patch_dtype
         self._results: list[InputResult] = []
-        self._items: list[PackedBatch] = []
+        self._pixels: list[PixelBatch] = []
+        self._jpeg_results: list[InputResult] = []
+        self._jpegs: list[JpegFile] = []
         self._tar_sizes: dict[int, int] = {}
 
-    def add(self, result: InputResult, items: PackedBatch | None):
-        """Adds one input and the items of its ok rows (in row order; ``None`` when none); yields
-        the current pack first if the input does not fit it."""
+    def add(self, result: InputResult, items: PixelBatch | JpegFile | None):
+        """Adds one input and the items of its ok rows (``None`` when none); yields the current pack
+        first if the input does not fit it."""
         if self.budget.add(result.num_tokens):
             yield self._take()
+        if isinstance(items, JpegFile):
+            self._jpeg_results.append(result)
+            self._jpegs.append(items)
+            return
         self._results.append(result)
         if items is not None:
-            self._items.append(items)
+            self._pixels.append(items)
 
     def end_tar(self, task: int, num_inputs: int) -> None:
         """Records that tar task ``task`` holds ``num_inputs`` inputs (sent with the next pack)."""
@@ -135,14 +153,13 @@ class Packer:
 
     def flush(self):
         """The last, partly filled pack (also when it only carries tar sizes)."""
-        if self._results or self._tar_sizes:
+        if self._results or self._jpeg_results or self._tar_sizes:
             yield self._take()
             self.budget.reset()
 
     def _take(self) -> Pack:
-        batch = PackedBatch.concat(self._items) if self._items else None
-        if batch is not None and self.patch_dtype is not None:
-            batch = batch.to(dtype=self.patch_dtype)
-        pack = Pack(batch, self._results, self._tar_sizes)
-        self._results, self._items, self._tar_sizes = [], [], {}
+        pixels = PixelBatch.concat(self._pixels) if self._pixels else None
+        jpegs = JpegFiles.join(self._jpegs) if self._jpegs else None
+        pack = Pack(pixels, jpegs, self._results + self._jpeg_results, self._tar_sizes)
+        self._results, self._pixels, self._jpeg_results, self._jpegs, self._tar_sizes = [], [], [], [], {}
         return pack

@@ -29,6 +29,7 @@ from ..batch_invariant import from_environment as batch_invariant_from_environme
 from ..models.base import default_dtype
 from .dataset import InputCounter, make_loader
 from .decode import DecodeOptions, media_kind, require_av
+from .gpu_decode import JpegDecoder, gpu_decode_unavailable
 from .layout import OutputLayout, check_output_folder
 from .manifest import RunStats, Summary, build_settings, finish_manifest, open_output, summarize
 from .model import Encoder, describe_checkpoint, load_encoder
@@ -38,7 +39,7 @@ from .preprocess import ProcessorSpec
 from .sources import InputPlan, Task, plan_inputs
 from .writer import ShardWriter
 
-__all__ = ["embed"]
+__all__ = ["embed", "resolve_decode"]
 
 
 @dataclass
@@ -112,6 +113,24 @@ def _check_attention(device: torch.device, dtype: torch.dtype, info, batch_invar
         raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
 
 
+def resolve_decode(decode: str, jpeg_draft: float | None, device: torch.device, processor) -> str:
+    """Where a run decodes its JPEGs, ``"gpu"`` or ``"cpu"``, from ``--decode``: ``auto`` is the GPU
+    where the device is CUDA, torchvision decodes JPEGs there (nvJPEG) and the processor has a
+    device path, unless ``--jpeg_draft`` asks for the CPU's reduced decoding (docs/embed.md, "Speed",
+    has the measurements behind it); ``ValueError`` for ``gpu`` where the GPU route cannot run."""
+    if decode == "cpu" or (decode == "auto" and jpeg_draft is not None):
+        return "cpu"
+    reason = gpu_decode_unavailable(device)
+    if reason is None and not callable(getattr(processor, "on_device", None)):
+        reason = f"the {type(processor).__name__} has no device path (on_device)"
+    if reason is None:
+        return "gpu"
+    if decode == "gpu":
+        raise ValueError(f"--decode gpu cannot run here: {reason}; pass --decode cpu, or auto (the GPU where it can "
+                         f"decode, else the CPU)")
+    return "cpu"
+
+
 def _check_inputs(plan: InputPlan) -> None:
     """Fails early, naming the extra, when the inputs hold video files and PyAV is missing."""
     if plan.kind != "tar" and any(media_kind(path) == "video" for task in plan.tasks for path in task.paths):
@@ -119,9 +138,9 @@ def _check_inputs(plan: InputPlan) -> None:
 
 
 def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict | None, options: EmbedOptions,
-                 ranks: _Ranks) -> list[Task]:
+                 ranks: _Ranks, decode: str) -> list[Task]:
     """Rank 0 opens the folder and lists the tasks not done; every rank checks that it sees the
-    same input as rank 0 and takes its share."""
+    same input as rank 0 and decodes where rank 0 does (``decode``), and takes its share."""
     open_tasks: list[int] | BaseException | None = None
     if ranks.rank == 0:
         try:
@@ -134,12 +153,17 @@ def _claim_tasks(layout: OutputLayout, plan: InputPlan, settings: dict | None, o
         except OSError as error:
             open_tasks = ValueError(f"--output {layout.root} cannot be written ({error}); check its permissions and "
                                     f"free space, or pass another --output")
-    open_tasks, fingerprint, num_tasks = ranks.broadcast((open_tasks, plan.fingerprint, len(plan.tasks)))
+    open_tasks, fingerprint, num_tasks, first_decode = ranks.broadcast((open_tasks, plan.fingerprint, len(plan.tasks),
+                                                                         decode))
     if isinstance(open_tasks, BaseException):
         raise open_tasks
     if fingerprint != plan.fingerprint:
         raise ValueError(f"rank {ranks.rank} sees another input than rank 0 ({len(plan.tasks)} tasks against {num_tasks}); "
                          f"the input must be on a filesystem every host sees, unchanged while the run lasts")
+    if first_decode != decode:
+        raise ValueError(f"rank {ranks.rank} decodes JPEGs on the {decode.upper()}, rank 0 on the {first_decode.upper()} "
+                         f"(--decode {options.decode}): the embeddings of the two differ slightly; pass --decode "
+                         f"{first_decode}, or install the same torchvision on every host")
     return [plan.tasks[index] for index in open_tasks[ranks.rank::ranks.world_size]]
 
 
@@ -214,8 +238,8 @@ def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOpti
     """Encodes and writes ``tasks``; returns this process's figures."""
     workers = options.workers if options.workers is not None else default_workers(encoder.device, ranks.local_world_size)
     counter = InputCounter()
-    loader = make_loader(tasks, processor, options.token_budget, decode, encoder.dtype, workers, encoder.device, counter)
-    stats = RunStats(workers=loader.num_workers)
+    loader = make_loader(tasks, processor, options.token_budget, decode, workers, encoder.device, counter)
+    stats = RunStats(workers=loader.num_workers, decode="gpu" if decode.gpu else "cpu")
     output_format = encoder.output_format(processor.probe())
     start = time.perf_counter()
     iterator = iter(loader)  # workers fork here, before the writer thread starts
@@ -248,6 +272,8 @@ def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOpti
         progress.close()
         del iterator  # shuts the workers down now, also when an error is on its way up
     stats.wall_s = time.perf_counter() - start
+    if encoder.jpeg_decoder is not None:
+        stats.gpu_decoded, stats.gpu_fallbacks = encoder.jpeg_decoder.decoded, encoder.jpeg_decoder.cpu_fallbacks
     return stats
 
 
@@ -275,18 +301,22 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
         info.check_layers(options.layers)
         batch_invariant = options.batch_invariant or batch_invariant_from_environment()
         _check_attention(device, model_dtype, info, batch_invariant)
-        processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches)
+        processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches,
+                                  options.max_pixels, options.jpeg_draft)
         processor.probe()
+        route = resolve_decode(options.decode, options.jpeg_draft, device, processor.build())
         layout = OutputLayout(Path(output), len(plan.tasks))
-        settings = (build_settings(info, processor.settings(), plan, given, options, model_dtype, batch_invariant)
+        settings = (build_settings(info, processor.settings(), plan, given, options, model_dtype, batch_invariant, route)
                     if ranks.rank == 0 else None)
-        tasks = _claim_tasks(layout, plan, settings, options, ranks)
+        tasks = _claim_tasks(layout, plan, settings, options, ranks, route)
         stats = None
         if tasks:
-            encoder = load_encoder(info, device=device, dtype=model_dtype, token_names=options.token_names,
-                                   layers=options.layers, normalize=options.normalize, output_dtype=options.dtype,
-                                   batch_invariant=batch_invariant)
-            decode = DecodeOptions(options.max_pixels, options.num_frames, video_as_item=info.takes_video)
+            jpeg_decoder = JpegDecoder(device) if route == "gpu" else None
+            encoder = load_encoder(info, processor.build(), jpeg_decoder, device=device, dtype=model_dtype,
+                                   token_names=options.token_names, layers=options.layers, normalize=options.normalize,
+                                   output_dtype=options.dtype, batch_invariant=batch_invariant)
+            decode = DecodeOptions(options.max_pixels, options.num_frames, video_as_item=info.takes_video,
+                                   gpu=route == "gpu")
             stats = _encode_tasks(encoder, processor, decode, tasks, layout, options, ranks, on_task_done)
         if ranks.world_size > 1:
             dist.barrier()

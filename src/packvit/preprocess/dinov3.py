@@ -197,6 +197,10 @@ class DINOv3Processor(Processor):
         flat = torch.cat([image.reshape(-1) for image in images])  # [3, H, W] after one another
         return self.pixel_batch(flat, torch.tensor(grids), backend, source_sizes=torch.tensor(sizes))
 
+    def device_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        keeps_aspect, cap, _ = self._options(None, None, None)
+        return 1, *(side // self.patch_size for side in self.target_size(height, width, keeps_aspect, cap))
+
     @classmethod
     def from_checkpoint(cls, config, fields: PreprocessorSettings, **overrides) -> "DINOv3Processor":
         fields.require_published(("DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast"))

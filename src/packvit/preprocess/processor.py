@@ -374,6 +374,14 @@ class Processor:
         keeps_aspect, cap, backend = self._options(max_num_patches, native, backend)
         return self.resize_device_images(images, keeps_aspect, cap, backend).normalize(dtype=dtype)
 
+    def device_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """The patch grid ``(1, rows, columns)`` ``on_device`` gives an upright image of ``height x
+        width`` with the processor's settings: an image's token count from its size alone, before
+        its pixels are decoded. ``ValueError`` where the processor refuses that size."""
+        keeps_aspect, cap, backend = self._options(None, None, None)
+        _, _, rows, columns = self.resize_plan(height, width, keeps_aspect, cap, backend).region
+        return 1, rows // self.patch_size, columns // self.patch_size
+
     def __call__(self, images=None, videos=None, *, max_num_patches: int | None = None, native: bool | None = None,
                  backend: str | None = None) -> PackedBatch:
         """Images (then videos) → one ``PackedBatch`` in the family's patch layout; ``None``
