@@ -16,10 +16,10 @@
 #   training-tests  gradient parity (full size included), checkpointing, compiled training, no host sync
 #   graph-tests     the CUDA-graph mode's GPU tests
 #   vlm-tests       LFM2-VL with packvit's tower: its real processor, host synchronisations
-#   embed-tests     packvit embed on CUDA against the CPU, and the device path of the processors
+#   embed-tests     packvit embed on CUDA: the rows of a CUDA run, the GPU decode route against the CPU's,
+#                   and the processors' device path
 #   fp8-tests       FP8 inference: full-size parity and speed against bf16
 #   invariant-tests batch-invariant mode: full-size bit identity, its product against cuBLAS, cost and parity
-#   embed-tests     packvit embed on CUDA: the copies and rows of a CUDA run, the GPU decode route against the CPU's
 #   docs-tests      the README and docs snippets, GPU-only blocks included
 #   bench           packvit bench --profile (all families and workloads unless arguments after --)
 #   train-bench     packvit bench --suite training (forward + backward against the references)
@@ -86,7 +86,6 @@ for stage in "${stages[@]}"; do
     embed-tests) run embed-tests pytest_gpu tests/test_embed_gpu.py tests/test_preprocess_device_gpu.py ;;
     fp8-tests) run fp8-tests pytest_gpu tests/test_fp8_gpu.py ;;
     invariant-tests) run invariant-tests pytest_gpu tests/test_batch_invariant_gpu.py ;;
-    embed-tests) run embed-tests pytest_gpu tests/test_embed_gpu.py ;;
     docs-tests) run docs-tests $python -m pytest -q -s -p no:cacheprovider tests/test_docs.py ;;
     bench) run bench $python -m packvit bench --profile --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$work/bench" "${bench_args[@]}" ;;
     train-bench) run train-bench $python -m packvit bench --suite training --ckpt_dir "$PACKVIT_CKPT_DIR" --out "$work/train_bench" ;;

@@ -3,7 +3,7 @@
     PYTHONPATH=src python scripts/profile_preprocess.py [--num_files 200] [--repeats 3]
         [--families siglip2,onevision,aimv2,dinov3] [--jpeg_draft 2] [--effect]
 
-Writes (or reuses) ``--num_files`` JPEGs as ``packvit.embed.bench`` does (scikit-image photographs,
+Writes (or reuses) ``--num_files`` JPEGs as the ``files`` benchmark does (scikit-image photographs,
 random crops and rescales, longer side log-uniform in 200-2,000 px, quality 90) and times, on one
 thread, each stage of every file through each processor: read (the file's bytes), decode (Pillow),
 EXIF (orientation), convert (RGB, and for the torch backend the pixels as a tensor), resize (uint8
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from packvit.embed.bench import write_files
+from packvit.benchmarks.workloads import write_files
 from packvit.packing import patchify
 from packvit.preprocess.aimv2 import AIMv2Processor
 from packvit.preprocess.common import rgb_pixels
@@ -54,8 +54,9 @@ PROCESSORS = (
 MODEL_FAMILY = {"siglip2": "siglip2", "onevision": "llava_vit", "aimv2": "aimv2", "dinov3": "dinov3"}
 
 
-def _stage_times(processor, path: str) -> list[float]:
-    """Seconds of each of ``STAGES`` for one file (one run)."""
+def _stage_times(processor, path: str) -> tuple[list[float], object]:
+    """Seconds of each of ``STAGES`` for one file (one run), and the batch the stages made (the
+    processor's own output: tests/test_preprocess_profile.py checks it)."""
     native = bool(processor.native) or processor.family == "siglip2"
     cap, backend = processor.max_num_patches, processor.backend
     target = lambda height, width: processor.target_size(height, width, native, cap)  # noqa: E731
@@ -85,9 +86,9 @@ def _stage_times(processor, path: str) -> list[float]:
         patches, grid_thw = patchify([item], processor.patch_size, processor.patch_layout)
         pixels = processor.pixel_batch(patches, grid_thw, backend)
         ticks.append(time.perf_counter())
-    pixels.normalize()
+    batch = pixels.normalize()
     ticks.append(time.perf_counter())
-    return np.diff(ticks).tolist()
+    return np.diff(ticks).tolist(), batch
 
 
 def profile(processor, paths: list[str], repeats: int) -> dict:
@@ -96,7 +97,7 @@ def profile(processor, paths: list[str], repeats: int) -> dict:
     whole = np.full(len(paths), np.inf)
     for _ in range(repeats):
         for index, path in enumerate(paths):
-            stages[index] = np.minimum(stages[index], _stage_times(processor, path))
+            stages[index] = np.minimum(stages[index], _stage_times(processor, path)[0])
             start = time.perf_counter()
             processor([path])
             whole[index] = min(whole[index], time.perf_counter() - start)
