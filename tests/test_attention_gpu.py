@@ -251,8 +251,9 @@ def test_fa4_is_chosen_automatically_on_hopper(monkeypatch):
     fa4 = BACKENDS["fa4"]
     monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(fa4, run=lambda *args: calls.append(1) or fa4.run(*args)))
     q, k, v, cu, _ = inputs(LENGTHS, LENGTHS, 72, torch.bfloat16, seed=4)
-    out = varlen_attention(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS))
-    ref = varlen_attention(q.float(), k.float(), v.float(), cu, cu, max(LENGTHS), max(LENGTHS), backend="reference")
+    with torch.no_grad():  # a forward-only call: gradient calls at head_dim 72 may take another backend
+        out = varlen_attention(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS))
+        ref = varlen_attention(q.float(), k.float(), v.float(), cu, cu, max(LENGTHS), max(LENGTHS), backend="reference")
     assert calls == [1] and relative_error(out, ref) <= 1e-2
 
 

@@ -46,8 +46,13 @@ def test_the_gpu_gives_the_cpu_device_path(name, photos):
     difference = (on_gpu.patches.float().cpu() - on_cpu.patches.bfloat16().float()).abs()
     if processor.family == "dinov3":  # its reference's F.interpolate, CUDA's kernel against the CPU's
         assert difference.max() < 0.02
-    else:  # the same float64 passes: a pixel may differ only where a sum lands on .5 within rounding
-        assert (difference > 0).float().mean() < 1e-4
+    else:
+        # the same float64 passes, each side rounding its resized pixels to uint8 levels; a sum that
+        # lands on .5 rounds either way under the GPU's fused multiply-adds (measured on an H200:
+        # SigLIP2's exact downscales, 0.12% of values), so values differ by at most one level
+        level = 1 / (255 * min(on_cpu.origin.image_std))
+        assert difference.max() <= level + 2.0**-7  # one level and a bf16 rounding step
+        assert (difference > 0).float().mean() < 1e-2
 
 
 @pytest.mark.parametrize("name", ["siglip2", "dinov3", "onevision"])

@@ -11,7 +11,8 @@ once per output channel. Rows that are not ordinary follow one rule:
   is, and no other row is touched;
 - a row holding ±inf and no NaN gets the largest float32 scale: its infinite entries become
   ``±448 * s`` (``±FLOAT32_MAX``), its finite ones round towards zero; its product is finite or
-  ±inf, never NaN.
+  ±inf, never NaN. An activation applied first (``act``) maps -inf to NaN (``-inf * 0`` in gelu and
+  silu, as the bf16 model's own activation does), and that row then follows the NaN rule.
 
 ``quantize_rows`` is the definition in PyTorch operations (the CPU path, and what the CUDA
 kernel of ``packvit.fp8.kernels`` is tested against).
