@@ -7,7 +7,8 @@ import pytest
 from packvit import cli
 from packvit.benchmarks import common
 from packvit.benchmarks.common import group_by_budget, latency_percentiles
-from packvit.benchmarks.inference import forward_flops, kernel_category
+from packvit.benchmarks.common import forward_flops
+from packvit.benchmarks.inference import kernel_category
 from packvit.benchmarks.workloads import naflex_grid, workload_grids
 from packvit.harness import get_adapter
 from packvit.models import base

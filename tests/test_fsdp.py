@@ -116,6 +116,7 @@ def worker(rank: int, init_file: str, ckpt: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         figures = {name: run_scenario(ckpt, rank, *options) for name, options in SCENARIOS.items()}
+        dist.barrier()  # no rank tears gloo down while its peer still has work in flight
     finally:
         dist.destroy_process_group()
     if rank == 0:

@@ -3,15 +3,20 @@
 import json
 
 import pytest
+import torch
 
 from family_helpers import require_references
 from packvit import cli
 from packvit.benchmarks import training
+from packvit.benchmarks.common import forward_flops, model_shape
+from packvit.benchmarks.workloads import workload_grids
+from packvit.harness import get_adapter
 
 
 
-def test_smoke_run_writes_every_figure(tmp_path, capsys):
+def test_smoke_run_writes_every_figure(tmp_path, capsys, monkeypatch):
     require_references("siglip2", "dinov3")
+    monkeypatch.setattr(training, "gemm_tflops", lambda device: 1.0)  # a known ceiling for the MFU (NaN off CUDA)
     out = tmp_path / "train"
     arguments = ["--smoke", "--items", "3", "--repeats", "1", "--out", str(out), "--ckpt_dir", str(tmp_path / "ckpts")]
     assert cli.main(["bench", "--suite", "training", *arguments]) == 0
@@ -28,6 +33,13 @@ def test_smoke_run_writes_every_figure(tmp_path, capsys):
         assert row["gradient_min_tensor_cosine"] >= 0.9999
         assert row["packvit_activation_mib"] is None and row["meets_checkpointing_target"] is None  # memory needs CUDA
         assert row["attention_backend"] == "reference"
+        adapter = get_adapter(family)
+        checkpoint = adapter.cached_random_checkpoint(tmp_path / "ckpts", size="tiny")  # the run's own
+        model = adapter.load_packed(checkpoint, torch.device("cpu"), torch.float32)
+        grids = workload_grids("mixed", family, 3)
+        pass_flops = 3 * forward_flops(model_shape(model), [model.num_prefix_tokens + t * h * w for t, h, w in grids],
+                                       3 * model.patch_size**2, sum(t * h * w for t, h, w in grids))  # forward + backward
+        assert row["packvit_mfu"] == pytest.approx(pass_flops * row["packvit_items_per_s"] / 3 / 1e12)
     environment = report["environment"]
     assert environment["smoke"] and environment["dtype"] == "float32" and "3 of the 512 items" in environment["items_note"]
     table = (out / "train_bench.md").read_text()

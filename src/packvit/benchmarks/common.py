@@ -27,7 +27,7 @@ from .._version import __version__
 from ..packing import pack_by_budget
 
 __all__ = ["synchronize", "median_seconds", "call_latencies_ms", "latency_percentiles", "PeakMemory", "peak_memory",
-           "gemm_tflops", "group_by_budget", "require_cuda", "environment", "mib", "write_report", "print_report"]
+           "model_shape", "forward_flops", "gemm_tflops", "group_by_budget", "require_cuda", "environment", "mib", "write_report", "print_report"]
 
 T = TypeVar("T")
 
@@ -97,6 +97,28 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     memory.peak_mib, memory.above_start_mib = peak / 2**20, (peak - start) / 2**20
+
+
+def model_shape(model: torch.nn.Module) -> dict:
+    """Hidden size, MLP width, depth and MLP kind of a packed model."""
+    return {
+        "hidden": model.hidden_size,
+        "mlp": model.config.intermediate_size,
+        "layers": model.num_hidden_layers,
+        "gated": model.blocks[0].mlp.gated,
+    }
+
+
+def forward_flops(shape: dict, segment_lengths: list[int], patch_dim: int, num_patches: int) -> float:
+    """Model FLOPs of one forward as ``docs/benchmarks.md`` counts them (two per multiply-add, head
+    excluded): per layer, ``2·(4·d² + m·d·f)`` per token — the q, k, v and output projections (4·d²)
+    and the MLP (m·d·f, m = 3 for a gated MLP, else 2) — plus ``4·d·n²`` per segment of n tokens
+    (QKᵀ and PV); plus ``2·patch_dim·d`` per patch for the patch embedding."""
+    d, f, layers = shape["hidden"], shape["mlp"], shape["layers"]
+    m = 3 if shape["gated"] else 2
+    tokens = sum(segment_lengths)
+    per_layer = 2 * (4 * d * d + m * d * f) * tokens + 4 * d * sum(n * n for n in segment_lengths)
+    return layers * per_layer + 2 * patch_dim * d * num_patches
 
 
 def gemm_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:

@@ -37,12 +37,12 @@ from ..harness import FAMILIES, FamilyAdapter, get_adapter
 from ..layers import layers_compiled
 from ..models.registry import model_class
 from .common import (
-    PeakMemory, call_latencies_ms, environment, gemm_tflops, group_by_budget, latency_percentiles, median_seconds, mib,
-    peak_memory, print_report, require_cuda, synchronize, write_report,
+    PeakMemory, call_latencies_ms, environment, forward_flops, gemm_tflops, group_by_budget, latency_percentiles, median_seconds, mib,
+    model_shape, peak_memory, print_report, require_cuda, synchronize, write_report,
 )
 from .workloads import WORKLOADS, size_label, workload_grids, workload_items
 
-__all__ = ["InferenceSettings", "FamilyPlan", "plan_family", "BenchResult", "OnlineResult", "Baseline", "forward_flops",
+__all__ = ["InferenceSettings", "FamilyPlan", "plan_family", "BenchResult", "OnlineResult", "Baseline",
            "kernel_category", "profile_breakdown", "time_baselines", "bench_family", "markdown_table", "write_chart",
            "add_arguments", "run"]
 
@@ -123,32 +123,10 @@ def plan_family(family: str, settings: InferenceSettings, root: Path) -> FamilyP
     return FamilyPlan(adapter, checkpoint, workloads, config.patch_size, backend)
 
 
-def _model_shape(model: torch.nn.Module) -> dict:
-    """Hidden size, MLP width, depth and MLP kind of a packed model."""
-    return {
-        "hidden": model.hidden_size,
-        "mlp": model.config.intermediate_size,
-        "layers": model.num_hidden_layers,
-        "gated": model.blocks[0].mlp.gated,
-    }
-
-
 def _default_is_compiled(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether the model's default (``compile_layers=None``) runs its encoder blocks compiled here."""
     with torch.inference_mode():
         return layers_compiled(None, model.blocks[0], torch.empty(0, device=device))
-
-
-def forward_flops(shape: dict, segment_lengths: list[int], patch_dim: int, num_patches: int) -> float:
-    """Model FLOPs of one forward as ``docs/benchmarks.md`` counts them (two per multiply-add, head
-    excluded): per layer, ``2·(4·d² + m·d·f)`` per token — the q, k, v and output projections (4·d²)
-    and the MLP (m·d·f, m = 3 for a gated MLP, else 2) — plus ``4·d·n²`` per segment of n tokens
-    (QKᵀ and PV); plus ``2·patch_dim·d`` per patch for the patch embedding."""
-    d, f, layers = shape["hidden"], shape["mlp"], shape["layers"]
-    m = 3 if shape["gated"] else 2
-    tokens = sum(segment_lengths)
-    per_layer = 2 * (4 * d * d + m * d * f) * tokens + 4 * d * sum(n * n for n in segment_lengths)
-    return layers * per_layer + 2 * patch_dim * d * num_patches
 
 
 #: kernel-name fragments → the part of the forward a kernel belongs to (first match wins)
@@ -330,7 +308,7 @@ class _PackedRuns:
         grids, items = self._items(workload)
         patch_counts = [t * h * w for t, h, w in grids]
         sequence_lengths = [n + model.num_prefix_tokens for n in patch_counts]
-        shape = _model_shape(model)
+        shape = model_shape(model)
         flops = forward_flops(shape, sequence_lengths, 3 * self.plan.patch_size**2, sum(patch_counts))
         packs = group_by_budget(items, sequence_lengths, settings.sequence_token_budget)
 

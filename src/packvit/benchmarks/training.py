@@ -37,7 +37,8 @@ from .. import arguments
 from ..attention import BACKENDS, select_backend
 from ..harness import get_adapter
 from ..packing import PackedBatch, patchify
-from .common import environment, group_by_budget, median_seconds, mib, peak_memory, print_report, require_cuda, write_report
+from .common import (environment, forward_flops, gemm_tflops, group_by_budget, median_seconds, mib, model_shape, peak_memory,
+                     print_report, require_cuda, write_report)
 from .workloads import MIXED_ITEMS, size_label, workload_grids, workload_items
 
 __all__ = ["TRAIN_FAMILIES", "SPEEDUP_TARGETS", "TrainingSettings", "TrainResult", "training_steps", "bench_training",
@@ -104,6 +105,9 @@ class TrainResult:
     packvit_items_per_s: float
     checkpointed_items_per_s: float
     speedup: float
+    #: forward + backward model FLOPs (three forwards' worth, ``forward_flops``) over packvit's time,
+    #: as a share of the bf16 GEMM rate measured in the same run (NaN off CUDA)
+    packvit_mfu: float
     checkpointed_speedup: float
     speedup_target: float
     #: checkpointed time ÷ plain time - 1
@@ -253,13 +257,14 @@ def _timed_passes(reference, packed, reference_steps, packed_steps, settings: Tr
     return reference_s, packed_s, checkpointed_s
 
 
-def bench_training(family: str, checkpoint: Path, settings: TrainingSettings) -> TrainResult:
-    """The training figures of one family: speed, memory and gradient agreement."""
+def bench_training(family: str, checkpoint: Path, settings: TrainingSettings, gemm: float) -> TrainResult:
+    """The training figures of one family: speed, MFU (against ``gemm`` TFLOP/s), memory and gradient
+    agreement."""
     device, dtype = settings.device, settings.dtype
     adapter = get_adapter(family)
     reference = adapter.load_reference(checkpoint, device, dtype)  # eval: DINOv3's train mode rescales RoPE at random
     packed = adapter.load_packed(checkpoint, device, dtype)
-    backend = select_backend(device, dtype, packed.config.head_dim, backend=settings.attention_backend)
+    backend = select_backend(device, dtype, packed.config.head_dim, backend=settings.attention_backend, backward=True)
     packed.gradient_checkpointing_enable()  # its recompute options; each pass below sets the mode itself
     grids = workload_grids("mixed", family, settings.items)
     items = workload_items(adapter, grids, packed.patch_size, device, dtype)
@@ -284,13 +289,16 @@ def bench_training(family: str, checkpoint: Path, settings: TrainingSettings) ->
     memory_cut = packed_memory[0] / checkpointed_memory[0] if checkpointed_memory[0] else None
     overhead = checkpointed_s / packed_s - 1
     speedup = reference_s / packed_s
+    sequence_lengths = [packed.num_prefix_tokens + t * h * width for t, h, width in grids]
+    flops = 3 * forward_flops(model_shape(packed), sequence_lengths, 3 * packed.patch_size**2,
+                              sum(t * h * width for t, h, width in grids))
     result = TrainResult(
         model=family, attention_backend=backend,
         items=len(items), tokens=sum(t * h * width for t, h, width in grids), packs=len(packed_steps),
         reference_batches=len(reference_steps),
         reference_items_per_s=len(items) / reference_s, packvit_items_per_s=len(items) / packed_s,
         checkpointed_items_per_s=len(items) / checkpointed_s,
-        speedup=speedup, checkpointed_speedup=reference_s / checkpointed_s,
+        speedup=speedup, packvit_mfu=flops / packed_s / (gemm * 1e12), checkpointed_speedup=reference_s / checkpointed_s,
         speedup_target=SPEEDUP_TARGETS[family], checkpointing_time_overhead=overhead,
         memory_items=len(memory_items),
         reference_activation_mib=reference_memory[0], packvit_activation_mib=packed_memory[0],
@@ -312,19 +320,20 @@ def markdown_table(results: list[TrainResult], environment: dict) -> str:
     lines = [
         f"Device: {environment['device']}; torch {environment['torch']}; attention backend {environment['attention_backend']}; "
         f"{environment['dtype']}; `mixed` workload, {environment['items_note']}; packs of at most "
-        f"{environment['sequence_token_budget']} sequence tokens; median of {environment['repeats']} passes",
+        f"{environment['sequence_token_budget']} sequence tokens; median of {environment['repeats']} passes; "
+        f"bf16 GEMM {environment['gemm_tflops']:.0f} TFLOP/s (measured in this run)",
         "",
-        "| model | items | tokens | reference items/s | packvit items/s | speed-up (target) | checkpointed items/s | "
+        "| model | items | tokens | reference items/s | packvit items/s | speed-up (target) | packvit MFU | checkpointed items/s | "
         "checkpointing extra time | activation MiB reference / packvit / checkpointed | checkpointing memory cut | "
         "peak MiB reference / packvit / checkpointed | gradient cosine (least tensor) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         cut = "-" if r.checkpointing_memory_cut is None else f"{r.checkpointing_memory_cut:.1f}x"
         lines.append(
             f"| {r.model} ({size_label(r.model, environment['smoke'])}) | {r.items} | {r.tokens} | "
             f"{r.reference_items_per_s:.1f} | {r.packvit_items_per_s:.1f} | "
-            f"{r.speedup:.2f}x ({r.speedup_target:.0f}x) | {r.checkpointed_items_per_s:.1f} | {r.checkpointing_time_overhead:+.0%} | "
+            f"{r.speedup:.2f}x ({r.speedup_target:.0f}x) | {r.packvit_mfu:.1%} | {r.checkpointed_items_per_s:.1f} | {r.checkpointing_time_overhead:+.0%} | "
             f"{mib(r.reference_activation_mib)} / {mib(r.packvit_activation_mib)} / {mib(r.checkpointed_activation_mib)} | "
             f"{cut} | {mib(r.reference_peak_mib)} / {mib(r.packvit_peak_mib)} / {mib(r.checkpointed_peak_mib)} | "
             f"{r.gradient_cosine:.6f} ({r.gradient_min_tensor_cosine:.4f}) |"
@@ -334,13 +343,14 @@ def markdown_table(results: list[TrainResult], environment: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _report(results: list[TrainResult], settings: TrainingSettings, started: float) -> tuple[str, list]:
+def _report(results: list[TrainResult], settings: TrainingSettings, gemm: float, started: float) -> tuple[str, list]:
     """Writes ``train_bench.json`` and ``train_bench.md`` for the results so far; returns the table and the files."""
     items_note = (f"{settings.items} items (docs/benchmarks.md's {MIXED_ITEMS})" if settings.items == MIXED_ITEMS
                   else f"{settings.items} of the {MIXED_ITEMS} items docs/benchmarks.md defines (--items)")
     run_environment = {
         **environment(settings.device),
         "attention_backend": ", ".join(f"{r.model} {r.attention_backend}" for r in results),
+        "gemm_tflops": gemm,
         "dtype": str(settings.dtype).replace("torch.", ""),
         "smoke": settings.smoke,
         "items_note": items_note,
@@ -376,14 +386,15 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainingSettings.from_args(args)
     started = time.perf_counter()
     results = []
+    gemm = gemm_tflops(settings.device)
     with tempfile.TemporaryDirectory(prefix="packvit-train-bench-") as scratch:
         root = settings.checkpoint_dir or Path(scratch)
         for family in settings.families:
             checkpoint = get_adapter(family).cached_random_checkpoint(root, size="tiny" if settings.smoke else "full")
             print(f"{family}: checkpoint ready at {time.perf_counter() - started:.0f} s", flush=True)
-            results.append(bench_training(family, checkpoint, settings))
+            results.append(bench_training(family, checkpoint, settings, gemm))
             if settings.device.type == "cuda":
                 torch.cuda.empty_cache()
-            table, paths = _report(results, settings, started)  # after every model: a partial run keeps its figures
+            table, paths = _report(results, settings, gemm, started)  # after every model: a partial run keeps its figures
     print_report(table, paths)
     return 0
