@@ -31,12 +31,10 @@
 # tree), then, while the machine is warm, one carrying .fa4b that starts with `fa4-install`; later
 # calls find it in /opt/fa4site.
 #
-# Run on an H200 in this release (H200 figures in docs/gpu-run-2026-12-04/): checkpoints (44 s),
-# attention-tests (21 s without FA4), training-tests (131 s), model-tests (251 s), FA4's probe, its
-# forward and backward at head dims 64-128 and SigLIP2's full-size gradients with FA4 (142 s). Not
-# yet run, in the order it is worth: the FA4 pair with `attention-tests model-tests`, `graph-tests`
-# and `bench -- --workloads online` (the automatic graphs), `vlm-tests vlm-bench`, `embed-tests
-# embed-bench`, `fp8-tests`, `invariant-tests`, `train-bench`, `cpu-tests`, `bench -- --fp8`.
+# Run on an H200 in this release (figures in docs/gpu-run-2026-12-04/ and its second-run/): every
+# stage but embed-bench and cpu-tests; a call of `fa4-install attention-tests model-tests` takes
+# about 420 s, `training-tests graph-tests vlm-tests` about 210 s, `checkpoints` 44 s. Keep fp8-tests,
+# invariant-tests and embed-bench in calls of their own (minutes each).
 #
 # Full-size random checkpoints go to $PACKVIT_CKPT_DIR, reused by later calls on the machine. Logs
 # and figures go to gpu_out/ (or $GPU_WORK; `GPU_WORK=$OUT` writes them straight to the GPU
