@@ -32,9 +32,10 @@
 # calls find it in /opt/fa4site.
 #
 # Run on an H200 in this release (figures in docs/gpu-run-2026-12-04/ and its second-run/): every
-# stage but embed-bench and cpu-tests; a call of `fa4-install attention-tests model-tests` takes
-# about 420 s, `training-tests graph-tests vlm-tests` about 210 s, `checkpoints` 44 s. Keep fp8-tests,
-# invariant-tests and embed-bench in calls of their own (minutes each).
+# stage but cpu-tests; embed-bench on an H100 (107 s; docs/gpu-run-2026-12-07/). A call of
+# `fa4-install attention-tests model-tests` takes about 420 s, `training-tests graph-tests vlm-tests`
+# about 210 s, `checkpoints` 44 s. Keep fp8-tests, invariant-tests and embed-bench in calls of their
+# own (minutes each).
 #
 # Full-size random checkpoints go to $PACKVIT_CKPT_DIR, reused by later calls on the machine. Logs
 # and figures go to gpu_out/ (or $GPU_WORK; `GPU_WORK=$OUT` writes them straight to the GPU

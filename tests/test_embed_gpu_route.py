@@ -186,6 +186,19 @@ def test_a_gpu_run_keeps_the_cpu_runs_rows_and_embeddings(checkpoint, images, tm
     assert json.loads((tmp_path / "gpu" / "manifest.json").read_text())["settings"]["processor"]["decode"] == "gpu"
 
 
+def test_auto_takes_the_gpu_route_below_the_measured_worker_count(monkeypatch):
+    """Where nvJPEG serves, ``auto`` is the GPU route for fewer workers than the CPU route needs to
+    outrun it (``AUTO_CPU_ROUTE_WORKERS``), the CPU route from there on; ``gpu`` is the GPU route
+    whatever the workers."""
+    monkeypatch.setattr(run, "gpu_decode_unavailable", lambda device: None)
+    processor, cuda, many = Siglip2Processor(), torch.device("cuda"), run.AUTO_CPU_ROUTE_WORKERS
+    assert run.resolve_decode("auto", None, cuda, processor, 0) == "gpu"
+    assert run.resolve_decode("auto", None, cuda, processor, many - 1) == "gpu"
+    assert run.resolve_decode("auto", None, cuda, processor, many) == "cpu"
+    assert run.resolve_decode("gpu", None, cuda, processor, many) == "gpu"
+    assert run.resolve_decode("auto", 2.0, cuda, processor, 1) == "cpu"
+
+
 def test_auto_is_the_cpu_without_cuda_and_gpu_is_refused_with_the_fix(checkpoint, images, tmp_path, capsys):
     embed(checkpoint, images, tmp_path / "auto", **RUN)
     assert json.loads((tmp_path / "auto" / "manifest.json").read_text())["settings"]["processor"]["decode"] == "cpu"

@@ -23,6 +23,7 @@ import torch
 from skimage import data
 
 import packvit
+from packvit.attention import select_backend
 from packvit.harness.siglip2 import randomize_vectors
 from packvit.integrations.transformers import (PackedSiglip2VisionModel, find_vision_tower, padded_inputs,
                                                restore_vision_tower, use_packed_vision_tower)
@@ -92,9 +93,10 @@ def prompts(spatial_shapes: torch.Tensor, images_per_prompt=(3, 2)) -> dict:
 
 def write_lfm2_vl(directory: Path, seed: int = 0, vision_use_head: bool = False) -> Path:
     """A small random LFM2-VL saved with save_pretrained (a SigLIP2 tower with a 16x16 position table,
-    like the published ones; random biases and norms so that a mis-mapped one shows)."""
+    like the published ones; random biases and norms so that a mis-mapped one shows). Its head_dim
+    is 16, which every CUDA attention kernel runs."""
     torch.manual_seed(seed)
-    vision = dict(model_type="siglip2_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    vision = dict(model_type="siglip2_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_patches=256, vision_use_head=vision_use_head)
     text = dict(model_type="lfm2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"],
@@ -232,9 +234,10 @@ def test_restore_gives_transformers_tower_with_the_current_weights(checkpoint, i
     original = vlm.model.vision_tower
     tower = use_packed_vision_tower(vlm)
     with torch.no_grad():
-        tower.model.blocks[0].attn.qkv.weight[:48] += 1.0  # a trained q
+        q_rows = tower.model.hidden_size  # the fused projection's first rows are q's
+        tower.model.blocks[0].attn.qkv.weight[:q_rows] += 1.0  # a trained q
         tower.model.final_norm.weight.mul_(2.0)
-        trained_q = tower.model.blocks[0].attn.qkv.weight[:48].clone()
+        trained_q = tower.model.blocks[0].attn.qkv.weight[:q_rows].clone()
     tower.model.blocks[1].attn.qkv.requires_grad_(False)
     with torch.no_grad():
         packed_logits = vlm(**inputs).logits
@@ -418,6 +421,8 @@ def test_the_packed_tower_synchronises_once_per_call(checkpoint):
     device = torch.device("cuda")
     vlm = load(checkpoint, dtype=torch.bfloat16).to(device)
     tower = use_packed_vision_tower(vlm)
+    backend = select_backend(device, torch.bfloat16, tower.model.blocks[0].attn.head_dim, tower.model.attention_backend)
+    assert backend != "reference", "the reference backend reads segment boundaries on the host: one sync per layer"
     images = lfm2_vl_images(photos())
 
     def synchronisations(values, mask, shapes) -> list[str]:

@@ -168,7 +168,7 @@ def _routes(settings: FilesSettings, processor) -> tuple[list[str], str | None]:
     if "gpu" not in wanted:
         return wanted, None
     try:
-        resolve_decode("gpu", None, settings.device, processor)
+        resolve_decode("gpu", None, settings.device, processor, settings.workers)
     except ValueError as error:
         if settings.decode == "gpu":
             raise

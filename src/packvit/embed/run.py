@@ -113,12 +113,21 @@ def _check_attention(device: torch.device, dtype: torch.dtype, info, batch_invar
         raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
 
 
-def resolve_decode(decode: str, jpeg_draft: float | None, device: torch.device, processor) -> str:
+#: ``--decode auto`` takes the GPU route below this many DataLoader workers per process and the
+#: CPU route from it on. The `files` benchmark (docs/embed.md, "Speed"; H100, 16 cores, SigLIP2
+#: so400m): a CPU-route worker feeds 109 files/s and the run reaches 72% of its input pipeline, about
+#: 78 items/s a worker; the GPU route, bound by the main process's device path (0.47 ms a file),
+#: reaches 975 items/s whatever the workers; the two break even at 12 workers.
+AUTO_CPU_ROUTE_WORKERS = 12
+
+
+def resolve_decode(decode: str, jpeg_draft: float | None, device: torch.device, processor, workers: int) -> str:
     """Where a run decodes its JPEGs, ``"gpu"`` or ``"cpu"``, from ``--decode``: ``auto`` is the GPU
-    where the device is CUDA, torchvision decodes JPEGs there (nvJPEG) and the processor has a
-    device path, unless ``--jpeg_draft`` asks for the CPU's reduced decoding (docs/embed.md, "Speed",
-    has the measurements behind it); ``ValueError`` for ``gpu`` where the GPU route cannot run."""
-    if decode == "cpu" or (decode == "auto" and jpeg_draft is not None):
+    where the device is CUDA, torchvision decodes JPEGs there (nvJPEG), the processor has a device
+    path and the run has fewer than ``AUTO_CPU_ROUTE_WORKERS`` workers per process, unless
+    ``--jpeg_draft`` asks for the CPU's reduced decoding; ``ValueError`` for ``gpu`` where the GPU
+    route cannot run."""
+    if decode == "cpu" or (decode == "auto" and (jpeg_draft is not None or workers >= AUTO_CPU_ROUTE_WORKERS)):
         return "cpu"
     reason = gpu_decode_unavailable(device)
     if reason is None and not callable(getattr(processor, "on_device", None)):
@@ -233,10 +242,9 @@ def _waiting(iterator: Iterator[Pack], stats: RunStats) -> Iterator[Pack]:
 
 
 def _encode_tasks(encoder: Encoder, processor: ProcessorSpec, decode: DecodeOptions, tasks: Sequence[Task],
-                  layout: OutputLayout, options: EmbedOptions, ranks: _Ranks,
+                  layout: OutputLayout, options: EmbedOptions, workers: int, ranks: _Ranks,
                   on_task_done: Callable[[int], None] | None) -> RunStats:
-    """Encodes and writes ``tasks``; returns this process's figures."""
-    workers = options.workers if options.workers is not None else default_workers(encoder.device, ranks.local_world_size)
+    """Encodes and writes ``tasks`` with ``workers`` DataLoader workers; returns this process's figures."""
     counter = InputCounter()
     loader = make_loader(tasks, processor, options.token_budget, decode, workers, encoder.device, counter)
     stats = RunStats(workers=loader.num_workers, decode="gpu" if decode.gpu else "cpu")
@@ -304,7 +312,8 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
         processor = ProcessorSpec(str(info.directory), info.family, not options.fixed, options.max_num_patches,
                                   options.max_pixels, options.jpeg_draft)
         processor.probe()
-        route = resolve_decode(options.decode, options.jpeg_draft, device, processor.build())
+        workers = options.workers if options.workers is not None else default_workers(device, ranks.local_world_size)
+        route = resolve_decode(options.decode, options.jpeg_draft, device, processor.build(), workers)
         layout = OutputLayout(Path(output), len(plan.tasks))
         settings = (build_settings(info, processor.settings(), plan, given, options, model_dtype, batch_invariant, route)
                     if ranks.rank == 0 else None)
@@ -317,7 +326,7 @@ def embed(model: str, input, output: str | os.PathLike, *, on_task_done: Callabl
                                    output_dtype=options.dtype, batch_invariant=batch_invariant)
             decode = DecodeOptions(options.max_pixels, options.num_frames, video_as_item=info.takes_video,
                                    gpu=route == "gpu")
-            stats = _encode_tasks(encoder, processor, decode, tasks, layout, options, ranks, on_task_done)
+            stats = _encode_tasks(encoder, processor, decode, tasks, layout, options, workers, ranks, on_task_done)
         if ranks.world_size > 1:
             dist.barrier()
         summary = None
