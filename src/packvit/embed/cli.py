@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from .options import DECODE_CHOICES, OUTPUT_DTYPES, WORKERS_RULE, EmbedOptions
+from .options import AUTO_CPU_ROUTE_WORKERS, DECODE_CHOICES, OUTPUT_DTYPES, WORKERS_RULE, EmbedOptions
 from .run import embed
 
 __all__ = ["add_arguments", "run", "main"]
@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--decode", choices=DECODE_CHOICES, default=defaults.decode,
                           help="where JPEGs are decoded: gpu (nvJPEG through torchvision, in batches, then resized on the "
                                "GPU; other files on the CPU), cpu (the DataLoader workers), auto: the GPU where CUDA, "
-                               "torchvision with nvJPEG and the processor's device path are there, else the CPU; recorded "
-                               "in the manifest (default: %(default)s)")
+                               "torchvision with nvJPEG and the processor's device path are there and the run has fewer "
+                               f"than {AUTO_CPU_ROUTE_WORKERS} workers per process, else the CPU; recorded in the manifest "
+                               "(default: %(default)s)")
     decoding.add_argument("--jpeg_draft", type=float, default=defaults.jpeg_draft, metavar="K",
                           help="decode a JPEG far larger than its resize target at a reduced scale (1/2, 1/4, 1/8 per "
                                "side) keeping at least K times the target per side: faster, slightly other pixels; CPU "

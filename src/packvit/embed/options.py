@@ -13,8 +13,14 @@ __all__ = ["OUTPUT_DTYPES", "DECODE_CHOICES", "WORKERS_RULE", "EmbedOptions", "d
 
 #: the dtypes the embeddings and tokens can be stored in
 OUTPUT_DTYPES = ("float16", "float32")
-#: where JPEGs are decoded: ``auto`` (the GPU where it can: ``run.resolve_decode``), the CPU workers, or the GPU
+#: where JPEGs are decoded: ``auto`` (by the run's device and workers: ``run.resolve_decode``), the CPU workers, or the GPU
 DECODE_CHOICES = ("auto", "cpu", "gpu")
+#: ``--decode auto`` takes the GPU route below this many DataLoader workers per process and the
+#: CPU route from it on. The `files` benchmark (docs/embed.md, "Speed"; H100, 16 cores, SigLIP2
+#: so400m): a CPU-route worker feeds 109 files/s and the run reaches 72% of its input pipeline, about
+#: 78 items/s a worker; the GPU route, bound by the main process's device path (0.47 ms a file),
+#: reaches 975 items/s whatever the workers; the two break even at 12 workers.
+AUTO_CPU_ROUTE_WORKERS = 12
 
 
 @dataclass(frozen=True)

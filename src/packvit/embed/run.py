@@ -33,7 +33,7 @@ from .gpu_decode import JpegDecoder, gpu_decode_unavailable
 from .layout import OutputLayout, check_output_folder
 from .manifest import RunStats, Summary, build_settings, finish_manifest, open_output, summarize
 from .model import Encoder, describe_checkpoint, load_encoder
-from .options import EmbedOptions, default_workers
+from .options import AUTO_CPU_ROUTE_WORKERS, EmbedOptions, default_workers
 from .packer import Pack
 from .preprocess import ProcessorSpec
 from .sources import InputPlan, Task, plan_inputs
@@ -111,14 +111,6 @@ def _check_attention(device: torch.device, dtype: torch.dtype, info, batch_invar
             select_backend(device, dtype, info.head_dim)
     except ValueError as error:
         raise ValueError(f"the model cannot run as asked on {device} in {str(dtype).replace('torch.', '')}: {error}") from None
-
-
-#: ``--decode auto`` takes the GPU route below this many DataLoader workers per process and the
-#: CPU route from it on. The `files` benchmark (docs/embed.md, "Speed"; H100, 16 cores, SigLIP2
-#: so400m): a CPU-route worker feeds 109 files/s and the run reaches 72% of its input pipeline, about
-#: 78 items/s a worker; the GPU route, bound by the main process's device path (0.47 ms a file),
-#: reaches 975 items/s whatever the workers; the two break even at 12 workers.
-AUTO_CPU_ROUTE_WORKERS = 12
 
 
 def resolve_decode(decode: str, jpeg_draft: float | None, device: torch.device, processor, workers: int) -> str:
