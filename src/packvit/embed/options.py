@@ -9,7 +9,7 @@ import torch
 
 from .decode import DEFAULT_MAX_PIXELS
 
-__all__ = ["OUTPUT_DTYPES", "DECODE_CHOICES", "WORKERS_RULE", "EmbedOptions", "default_workers"]
+__all__ = ["OUTPUT_DTYPES", "DECODE_CHOICES", "AUTO_CPU_ROUTE_WORKERS", "WORKERS_RULE", "EmbedOptions", "default_workers"]
 
 #: the dtypes the embeddings and tokens can be stored in
 OUTPUT_DTYPES = ("float16", "float32")
